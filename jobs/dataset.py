@@ -1,0 +1,141 @@
+"""Token datasets on any store: info, verify, copy, subset, synth.
+
+  python jobs/dataset.py info URI
+  python jobs/dataset.py verify URI
+  python jobs/dataset.py copy SRC DST
+  python jobs/dataset.py subset SRC DST --budget 10%|300KB|5000samples [--seed 0]
+  python jobs/dataset.py synth DST [--samples 45000 --grid 8 8 --codebook 512]
+
+URIs: a local path or file:///abs/path, s3://bucket/prefix (endpoint and credentials from the
+standard AWS variables and config files), lmdb:///abs/path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from tqdm import tqdm
+
+from tokray.cli import print_result, print_table, run_main, setup_logging
+from tokray.data.synth import SynthTokens
+from tokray.storage.budget import BUDGET_FORMS, Budget, make_subset
+from tokray.storage.dataset import DatasetWriter, copy_dataset, open_dataset
+from tokray.storage.uri import URI_FORMS
+
+log = logging.getLogger("tokray.jobs.dataset")
+
+
+def cmd_info(args) -> int:
+    ds = open_dataset(args.uri)
+    m = ds.manifest
+    h, w = m.meta.grid
+    rows = [{"field": k, "value": v} for k, v in [
+        ("uri", ds.uri), ("samples", m.num_samples), ("grid", f"{h}x{w}"), ("codebook_size", m.meta.codebook_size),
+        ("classes", len(m.meta.class_names)), ("tokenizer", m.meta.tokenizer), ("shards", len(m.shards)),
+        ("shard_rows", m.meta.shard_rows), ("shard_bytes", m.shard_bytes), ("store_bytes", m.store_bytes),
+        ("bytes_per_sample", m.store_bytes / max(1, m.num_samples))]]
+    print_table(rows)
+    print_result({"uri": ds.uri, "num_samples": m.num_samples, "grid": [h, w], "codebook_size": m.meta.codebook_size,
+                  "num_classes": len(m.meta.class_names), "tokenizer": m.meta.tokenizer, "shards": len(m.shards),
+                  "shard_bytes": m.shard_bytes, "store_bytes": m.store_bytes, "extra": m.meta.extra})
+    return 0
+
+
+def cmd_verify(args) -> int:
+    ds = open_dataset(args.uri)
+    with tqdm(total=len(ds.manifest.shards), desc="verify", unit="shard", disable=args.quiet) as bar:
+        problems = ds.verify(on_shard=bar.update)
+    for p in problems:
+        print(f"BAD {p}")
+    ok = not problems
+    print(f"{'OK' if ok else 'FAILED'}: {len(ds.manifest.shards) - len(problems)}/{len(ds.manifest.shards)} "
+          f"shards intact, {ds.manifest.num_samples} samples, {ds.uri}")
+    print_result({"uri": ds.uri, "ok": ok, "shards": len(ds.manifest.shards), "bad_shards": problems})
+    return 0 if ok else 1
+
+
+def cmd_copy(args) -> int:
+    src = open_dataset(args.src)
+    with tqdm(total=len(src.manifest.shards), desc="copy", unit="shard", disable=args.quiet) as bar:
+        m = copy_dataset(args.src, args.dst, overwrite=args.overwrite, progress=bar.update)
+    print_result({"dst": args.dst, "num_samples": m.num_samples, "store_bytes": m.store_bytes})
+    return 0
+
+
+def cmd_subset(args) -> int:
+    budget = Budget.parse(args.budget)
+    m = make_subset(args.src, args.dst, budget, seed=args.seed, overwrite=args.overwrite)
+    sub = m.meta.extra["subset"]
+    print_table([{"budget": str(budget), "budget_bytes": sub["budget_bytes"] or "-", "samples": m.num_samples,
+                  "store_bytes": m.store_bytes, "of_source_bytes": m.store_bytes / sub["source_store_bytes"]}])
+    print_result({"dst": args.dst, "budget": str(budget), "budget_bytes": sub["budget_bytes"],
+                  "num_samples": m.num_samples, "store_bytes": m.store_bytes, "seed": args.seed})
+    return 0
+
+
+def cmd_synth(args) -> int:
+    gen = SynthTokens(grid=tuple(args.grid), codebook_size=args.codebook, num_classes=args.classes, seed=args.seed)
+    meta = gen.meta(args.shard_rows)
+    with DatasetWriter(args.dst, meta, overwrite=args.overwrite) as writer:
+        with tqdm(total=args.samples, desc="synth", unit="sample", disable=args.quiet) as bar:
+            for start in range(0, args.samples, args.shard_rows):
+                n = min(args.shard_rows, args.samples - start)
+                if not writer.shard_done(start // args.shard_rows):  # resume: skip finished shards
+                    writer.write_shard(start // args.shard_rows, *gen.chunk(start, n))
+                bar.update(n)
+        m = writer.close()
+    print_result({"dst": args.dst, "num_samples": m.num_samples, "store_bytes": m.store_bytes,
+                  "shards": len(m.shards)})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("info", help="print a dataset's manifest summary", description=f"URI: {URI_FORMS}")
+    s.add_argument("uri")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("verify", help="check every shard's sha256; exit 1 naming bad shards")
+    s.add_argument("uri")
+    s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("copy", help="copy a dataset between any two stores (resumable)")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--overwrite", action="store_true", help="replace a complete dataset at DST")
+    s.set_defaults(fn=cmd_copy)
+
+    s = sub.add_parser("subset", help="materialize a stratified, seeded subset within a storage budget")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--budget", required=True, help=BUDGET_FORMS)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_subset)
+
+    s = sub.add_parser("synth", help="write a synthetic, spatially correlated token dataset (resumable)")
+    s.add_argument("dst")
+    s.add_argument("--samples", type=int, default=45000)
+    s.add_argument("--grid", type=int, nargs=2, default=[8, 8], metavar=("H", "W"))
+    s.add_argument("--codebook", type=int, default=512)
+    s.add_argument("--classes", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shard-rows", type=int, default=8192, help="samples per shard (default 8192)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_synth)
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    setup_logging(args.verbose)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,57 @@
+"""Shared plumbing for the thin entry points in jobs/: logging, user errors, result lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Callable
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, KeyError)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run a job; a user error ends it with one clear line on stderr and exit code 2."""
+    try:
+        code = main()
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    """A plain aligned text table (what a person reads); the JSON line is for scripts."""
+    if not rows:
+        return
+    columns = columns or list(rows[0])
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def print_result(obj: dict) -> None:
+    """The job's last line: one JSON object with its figures."""
+    print(json.dumps(obj, sort_keys=True), flush=True)

@@ -1,0 +1,123 @@
+"""Cache tier: remote shards kept on local disk under a byte limit, least recently used out.
+
+Entries are content-addressed by their sha256 (the manifest's digest), verified before they are
+inserted and again when read back. A flock on ``<dir>/.lock`` makes eviction and insertion safe
+when several processes of a node share the directory; reads of present entries need no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import uuid
+from typing import Callable
+
+from tokray.storage import codec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 10 * 2**30
+
+
+class ShardCache:
+    def __init__(self, root: str, max_bytes: int = DEFAULT_CACHE_BYTES):
+        if max_bytes < 0:
+            raise ValueError(f"cache max_bytes must be >= 0, got {max_bytes}")
+        self.root = os.path.abspath(root)
+        self.max_bytes = int(max_bytes)
+        self.hits = 0
+        self.misses = 0
+
+    def __repr__(self):
+        return f"ShardCache({self.root!r}, max_bytes={self.max_bytes})"
+
+    def _path(self, digest: str) -> str:
+        return os.path.join(self.root, f"{digest}.shard")
+
+    @contextlib.contextmanager
+    def _locked(self):
+        os.makedirs(self.root, exist_ok=True)
+        with open(os.path.join(self.root, ".lock"), "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _entries(self) -> list[tuple[float, int, str]]:
+        out = []
+        for name in os.listdir(self.root):
+            if name.endswith(".shard") or ".tmp-" in name:
+                try:
+                    st = os.stat(os.path.join(self.root, name))
+                except FileNotFoundError:
+                    continue
+                out.append((st.st_mtime, st.st_size, name))
+        return out
+
+    def used_bytes(self) -> int:
+        if not os.path.isdir(self.root):
+            return 0
+        return sum(size for _, size, _ in self._entries())
+
+    def get(self, digest: str, fetch: Callable[[], bytes],
+            on_corrupt: Callable[[str], Exception] | None = None) -> bytes:
+        """Bytes of the entry ``digest``; ``fetch`` (which must verify) fills a miss."""
+        data = self._read(digest)
+        if data is not None:
+            self.hits += 1
+            return data
+        self.misses += 1
+        data = fetch()
+        actual = codec.sha256(data)
+        if actual != digest:  # never cache (or return) bytes that do not match their address
+            raise on_corrupt(actual) if on_corrupt else ValueError(f"cache insert: sha256 {actual} != {digest}")
+        self._insert(digest, data)
+        return data
+
+    def _read(self, digest: str) -> bytes | None:
+        path = self._path(digest)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        if codec.sha256(data) != digest:
+            log.warning("cache entry %s is corrupt on local disk; dropping it and re-fetching", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)  # mtime is the LRU clock
+        return data
+
+    def _insert(self, digest: str, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            log.debug("shard %s (%d B) exceeds the cache limit %d B; not cached", digest, len(data), self.max_bytes)
+            return
+        with self._locked():
+            if os.path.exists(self._path(digest)):
+                return
+            entries = sorted(self._entries())
+            used = sum(size for _, size, _ in entries)
+            while entries and used + len(data) > self.max_bytes:
+                _, size, name = entries.pop(0)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.root, name))
+                used -= size
+            tmp = os.path.join(self.root, f".{digest}.tmp-{uuid.uuid4().hex[:8]}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self._path(digest))
+
+
+def default_cache() -> ShardCache | None:
+    """The node's cache from TOKRAY_CACHE_DIR / TOKRAY_CACHE_BYTES; TOKRAY_CACHE_BYTES=0 disables it."""
+    max_bytes = int(float(os.environ.get("TOKRAY_CACHE_BYTES", DEFAULT_CACHE_BYTES)))
+    if max_bytes == 0:
+        return None
+    root = os.environ.get("TOKRAY_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tokray", "shards")
+    return ShardCache(root, max_bytes)
