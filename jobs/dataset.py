@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("subset", help="materialize a stratified, seeded subset within a storage budget")
     s.add_argument("src")
     s.add_argument("dst")
-    s.add_argument("--budget", required=True, help=BUDGET_FORMS)
+    s.add_argument("--budget", required=True, help=BUDGET_FORMS.replace("%", "%%"))
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_subset)

@@ -200,6 +200,13 @@ class DatasetWriter:
     def commit(self, manifest: Manifest) -> Manifest:
         self.store.write_meta(MANIFEST_NAME, manifest.dumps())  # last: only now is the dataset complete
         self.store.delete_meta(PROGRESS_NAME)
+        for _ in range(5):  # report what the store really holds (LMDB pages move as the manifest lands)
+            actual = self.store.measured_bytes(manifest)
+            if actual == manifest.store_bytes:
+                break
+            manifest = dataclasses.replace(manifest, store_bytes=actual)
+            self.store.write_meta(MANIFEST_NAME, manifest.dumps())
+        self.store.close()
         self.manifest = manifest
         log.info("wrote %s: %d samples in %d shards, %d bytes on the store",
                  self.store.uri, manifest.num_samples, len(manifest.shards), manifest.store_bytes)

@@ -92,6 +92,13 @@ class Store(abc.ABC):
         """True when this location holds anything of a dataset (a manifest or progress)."""
         ...
 
+    def measured_bytes(self, manifest) -> int:
+        """Bytes the complete dataset occupies on the store now."""
+        return manifest.shard_bytes + self.overhead_bytes(manifest.shards) + len(manifest.dumps())
+
+    def close(self) -> None:
+        """Release handles (LMDB envs); the store reopens on next use."""
+
     def _checked(self, info: ShardInfo, data: bytes) -> bytes:
         actual = codec.sha256(data)
         if actual != info.sha256:
@@ -240,7 +247,7 @@ class S3Store(FileStore):
                 client_kwargs["endpoint_url"] = endpoint
             self._fs = s3fs.S3FileSystem(
                 client_kwargs=client_kwargs, use_listings_cache=False, skip_instance_cache=True,
-                retries=3,  # s3fs's own retries of transient errors, on top of botocore's
+                # botocore retries transient errors (throttling, 5xx, resets); s3fs retries its own set
                 config_kwargs={"connect_timeout": 5, "read_timeout": 60,
                                "retries": {"max_attempts": 3, "mode": "standard"}})
         return self._fs
@@ -268,13 +275,11 @@ class S3Store(FileStore):
 
     def check(self, for_write):
         try:
-            ok = self._call("bucket lookup", self.fs.exists, self.uri.bucket)
+            self._call("HEAD bucket", lambda: self.fs.call_s3("head_bucket", Bucket=self.uri.bucket))
         except FileNotFoundError:
-            ok = False
-        if not ok:
             raise FileNotFoundError(
-                f"S3 bucket {self.uri.bucket!r} does not exist or is not visible at endpoint {self.endpoint}; "
-                f"create it (e.g. `aws s3 mb s3://{self.uri.bucket}`) or fix the URI {self.uri}")
+                f"S3 bucket {self.uri.bucket!r} does not exist at endpoint {self.endpoint}; create it "
+                f"(e.g. `aws s3 mb s3://{self.uri.bucket}`) or fix the URI {self.uri}") from None
 
     def _get(self, name):
         return self._call(f"GET {name}", self.fs.cat_file, self._key(name))
@@ -493,12 +498,19 @@ class LMDBStore(Store):
         used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]  # pages in use: what the env costs
         return max(0, used - sum(s.bytes for s in shards))
 
-    def clear(self):
-        # remove the env files: dropping the tables would leave the file at its old size
+    def measured_bytes(self, manifest):
+        self.close()  # the file's size once every page is down
+        return os.path.getsize(os.path.join(self.uri.path, "data.mdb"))
+
+    def close(self):
         entry = _LMDB_ENVS.pop((os.getpid(), self.uri.path), None)
         if entry is not None:
             entry[0].close()
         self._env = self._handles = None
+
+    def clear(self):
+        # remove the env files: dropping the tables would leave the file at its old size
+        self.close()
         for name in ("data.mdb", "lock.mdb"):
             try:
                 os.remove(os.path.join(self.uri.path, name))

@@ -1,0 +1,70 @@
+"""Shared fixtures: a real S3 endpoint (moto server) and one small Ray instance per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from tokray.storage.s3local import LocalS3Server
+
+    server = LocalS3Server().start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    name = f"tok-{uuid.uuid4().hex[:10]}"
+    s3_server.create_bucket(name)
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Every test gets its own shard cache directory."""
+    monkeypatch.setenv("TOKRAY_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "platform")])}})
+    yield ray
+    ray.shutdown()
+
+
+def run_job(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python jobs/<args>`` from the repo root, as a user would."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def write_synth(uri, samples=3000, shard_rows=500, seed=0, grid=(8, 8), codebook=512, classes=10):
+    """A synthetic dataset written in-process; returns its generator (ground truth)."""
+    from tokray.data.synth import SynthTokens
+    from tokray.storage.dataset import DatasetWriter
+
+    gen = SynthTokens(grid=grid, codebook_size=codebook, num_classes=classes, seed=seed)
+    with DatasetWriter(uri, gen.meta(shard_rows)) as writer:
+        for batch in gen.batches(samples, chunk=700):
+            writer.write(*batch)
+    return gen
