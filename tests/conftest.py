@@ -43,7 +43,7 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_server):  # workers inherit the AWS_* variables of the S3 endpoint
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,

@@ -32,7 +32,7 @@ def arrow_to_torch(batch: pa.Table, grid) -> dict[str, torch.Tensor]:
     # one copy of B*h*w*2 bytes: the tensor owns writable memory (pinnable), still uint16
     return {"ids": torch.from_numpy(np.array(ids, copy=True).reshape(-1, *grid)),
             "label": torch.from_numpy(batch.column(codec.LABEL).to_numpy().astype(np.int64)),
-            "sample_id": torch.from_numpy(batch.column(codec.SAMPLE_ID).to_numpy())}
+            "sample_id": torch.from_numpy(batch.column(codec.SAMPLE_ID).to_numpy().copy())}
 
 
 def iter_torch_batches(data_iter, grid, batch_size: int, *, drop_last: bool = False,
