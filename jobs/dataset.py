@@ -84,7 +84,7 @@ def cmd_synth(args) -> int:
                 if not writer.shard_done(start // args.shard_rows):  # resume: skip finished shards
                     writer.write_shard(start // args.shard_rows, *gen.chunk(start, n))
                 bar.update(n)
-        m = writer.close()
+        m = writer.close(num_shards=-(-args.samples // args.shard_rows))
     print_result({"dst": args.dst, "num_samples": m.num_samples, "store_bytes": m.store_bytes,
                   "shards": len(m.shards)})
     return 0

@@ -186,10 +186,18 @@ class DatasetWriter:
                     "shards": {str(i): dataclasses.asdict(s) for i, s in sorted(self.done.items())}}
         self.store.write_meta(PROGRESS_NAME, json.dumps(progress).encode())
 
-    def finish(self) -> Manifest:
-        """Flush the last shard and return the manifest that ``commit`` would write."""
+    def finish(self, num_shards: int | None = None) -> Manifest:
+        """Flush the last shard and return the manifest that ``commit`` would write.
+
+        ``num_shards`` (default: as many as ``write`` produced) is how many shards this write
+        has; shards beyond it, left by an earlier, longer interrupted write, are removed.
+        """
         if self._buffered:
             self._flush(self._buffered)
+        if num_shards is None:
+            num_shards = self._next if self._next else max(self.done, default=-1) + 1
+        for i in [i for i in self.done if i >= num_shards]:
+            self.store.delete_shard(self.done.pop(i))
         indices = sorted(self.done)
         if indices != list(range(len(indices))):
             raise ValueError(f"shards {indices} are not contiguous from 0; the write to {self.store.uri} is incomplete")
@@ -212,8 +220,8 @@ class DatasetWriter:
                  self.store.uri, manifest.num_samples, len(manifest.shards), manifest.store_bytes)
         return manifest
 
-    def close(self) -> Manifest:
-        return self.manifest if self.manifest is not None else self.commit(self.finish())
+    def close(self, num_shards: int | None = None) -> Manifest:
+        return self.manifest if self.manifest is not None else self.commit(self.finish(num_shards))
 
 
 def copy_dataset(src, dst, overwrite: bool = False, progress=None) -> Manifest:
@@ -226,4 +234,4 @@ def copy_dataset(src, dst, overwrite: bool = False, progress=None) -> Manifest:
                 writer.write_shard(i, b[codec.IDS], b[codec.LABEL], b[codec.SAMPLE_ID])
             if progress:
                 progress(1)
-        return writer.close()
+        return writer.close(num_shards=len(source.manifest.shards))

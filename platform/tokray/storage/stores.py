@@ -78,6 +78,10 @@ class Store(abc.ABC):
         ...
 
     @abc.abstractmethod
+    def delete_shard(self, info: ShardInfo) -> None:
+        ...
+
+    @abc.abstractmethod
     def overhead_bytes(self, shards: tuple[ShardInfo, ...]) -> int:
         """Bytes on the store beyond the shards' own bytes and the manifest (e.g. LMDB pages)."""
         ...
@@ -163,6 +167,9 @@ class FileStore(Store):
             return True
         except ShardChecksumError:
             return False
+
+    def delete_shard(self, info):
+        self._delete(info.path)
 
     def overhead_bytes(self, shards):
         return 0
@@ -471,6 +478,15 @@ class LMDBStore(Store):
             return True
         except ShardChecksumError:
             return False
+
+    def delete_shard(self, info):
+        keys = [k for k, _ in self._scan(info)]
+
+        def delete(txn, meta, rec):
+            for k in keys:
+                txn.delete(k, db=rec)
+
+        self._write_txn(delete)
 
     def get(self, sample_id: int, shards: tuple[ShardInfo, ...]) -> tuple[np.ndarray, int]:
         """Random access by sample id; the shard holding it is verified on its first access."""
