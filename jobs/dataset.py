@@ -5,6 +5,7 @@
   python jobs/dataset.py copy SRC DST
   python jobs/dataset.py subset SRC DST --budget 10%|300KB|5000samples [--seed 0]
   python jobs/dataset.py synth DST [--samples 45000 --grid 8 8 --codebook 512]
+  python jobs/dataset.py import-seit DATA_BIN_GZ LABELS_TXT CODEBOOK DST [--grid 32 32]
 
 URIs: a local path or file:///abs/path, s3://bucket/prefix (endpoint and credentials from the
 standard AWS variables and config files), lmdb:///abs/path.
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from tqdm import tqdm
 
 from tokray.cli import print_result, print_table, run_main, setup_logging
+from tokray.data.seit_import import import_seit, seit_index_path
 from tokray.data.synth import SynthTokens
 from tokray.storage.budget import BUDGET_FORMS, Budget, make_subset
 from tokray.storage.dataset import DatasetWriter, copy_dataset, open_dataset
@@ -90,6 +93,22 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_import_seit(args) -> int:
+    with tqdm(desc="import-seit", unit="image", disable=args.quiet) as bar:
+        m = import_seit(args.data, args.labels, args.codebook, args.dst, grid=tuple(args.grid),
+                        class_names=args.class_names, shard_rows=args.shard_rows, overwrite=args.overwrite,
+                        progress=bar.update)
+    h, w = m.meta.grid
+    source_bytes = os.path.getsize(args.data) + os.path.getsize(seit_index_path(args.data))
+    print_table([{"samples": m.num_samples, "grid": f"{h}x{w}", "codebook_size": m.meta.codebook_size,
+                  "store_bytes": m.store_bytes, "bytes_per_sample": m.store_bytes / max(1, m.num_samples),
+                  "source_gz_bytes": source_bytes}])
+    print_result({"dst": args.dst, "num_samples": m.num_samples, "grid": [h, w],
+                  "codebook_size": m.meta.codebook_size, "tokenizer": m.meta.tokenizer,
+                  "store_bytes": m.store_bytes, "shards": len(m.shards), "source_gz_bytes": source_bytes})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -128,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-rows", type=int, default=8192, help="samples per shard (default 8192)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser(
+        "import-seit", help="convert SeiT's released token files into a token dataset (resumable)",
+        description="DATA_BIN_GZ is <split>-token.data.bin.gz; its index <split>-token.index.npy.gz must lie "
+                    "beside it. Sample ids are image indices; the codebook is stored as codebook.safetensors.")
+    s.add_argument("data", metavar="DATA_BIN_GZ")
+    s.add_argument("labels", metavar="LABELS_TXT", help="one integer class id per line")
+    s.add_argument("codebook", metavar="CODEBOOK", help="codebook.ckpt: a (K, d) tensor saved with torch.save")
+    s.add_argument("dst", metavar="DST")
+    s.add_argument("--grid", type=int, nargs=2, default=[32, 32], metavar=("H", "W"), help="default 32 32")
+    s.add_argument("--class-names", metavar="FILE", help="one name per line (default class0..classC-1)")
+    s.add_argument("--shard-rows", type=int, default=8192, help="samples per shard (default 8192)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_import_seit)
     return p
 
 
