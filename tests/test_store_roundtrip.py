@@ -60,3 +60,27 @@ def test_storage_cost_is_near_the_entropy_bound(tmp_path):
     m = open_dataset(str(tmp_path / "ds")).manifest
     assert m.store_bytes == sum(f.stat().st_size for f in (tmp_path / "ds").iterdir())  # bytes on disk
     assert m.store_bytes < 1.06 * entropy_bytes, (m.store_bytes, entropy_bytes)
+
+
+def test_side_files_travel_with_the_dataset(tmp_path, s3_bucket):
+    """A side file (e.g. a codebook) is digested, counted in store bytes, copied and subset along."""
+    from tokray.data.synth import SynthTokens
+    from tokray.storage.budget import Budget, make_subset
+    from tokray.storage.dataset import DatasetWriter
+
+    gen = SynthTokens()
+    blob = bytes(range(256)) * 40
+    with DatasetWriter(str(tmp_path / "src"), gen.meta(500)) as w:
+        w.add_file("codebook.bin", blob)
+        for b in gen.batches(1500):
+            w.write(*b)
+    m = open_dataset(str(tmp_path / "src")).manifest
+    assert m.store_bytes == sum(f.stat().st_size for f in (tmp_path / "src").iterdir())
+    for dst in (f"s3://{s3_bucket}/c", f"lmdb://{tmp_path}/env"):
+        copy_dataset(str(tmp_path / "src"), dst)
+        assert open_dataset(dst).read_file("codebook.bin") == blob
+    make_subset(str(tmp_path / "src"), str(tmp_path / "sub"), Budget.parse("50%"))
+    assert open_dataset(str(tmp_path / "sub")).read_file("codebook.bin") == blob
+    (tmp_path / "src" / "codebook.bin").write_bytes(blob[:-1] + b"x")
+    with pytest.raises(ValueError, match="codebook.bin"):
+        open_dataset(str(tmp_path / "src")).read_file("codebook.bin")

@@ -234,7 +234,7 @@ def import_seit(data_path: str, labels_path: str, codebook_path: str, dst_uri, g
                        extra={"source": "seit", "codebook_shape": [k, d]})
     with DatasetWriter(dst_uri, meta, overwrite=overwrite) as writer:
         # written before the manifest, so a complete dataset always carries its codebook
-        writer.store.write_meta(CODEBOOK_FILE, safetensors.torch.save({"codebook": src.codebook}))
+        writer.add_file(CODEBOOK_FILE, safetensors.torch.save({"codebook": src.codebook}))
         for start, ids in src.iter_chunks(h * w, shard_rows):
             shard = start // shard_rows
             if not writer.shard_done(shard):  # resume: the stream is read anyway, the write is skipped

@@ -104,7 +104,7 @@ def _estimated_bytes(ds: TokenDataset, selected: np.ndarray, starts: np.ndarray,
             pending -= shard_rows
     if pending:
         flush(buf)
-    return Manifest(meta, int(len(selected)), tuple(shards)).with_store_bytes(0).store_bytes
+    return Manifest(meta, int(len(selected)), tuple(shards), files=ds.manifest.files).with_store_bytes(0).store_bytes
 
 
 def make_subset(src, dst, budget: Budget, seed: int = 0, overwrite: bool = False) -> Manifest:
@@ -135,6 +135,8 @@ def make_subset(src, dst, budget: Budget, seed: int = 0, overwrite: bool = False
     for attempt in range(8):
         selected = _selection(order, allocate(sizes, n))
         writer = DatasetWriter(dst, meta_for(n), overwrite=overwrite or attempt > 0)
+        for name in ds.manifest.files:
+            writer.add_file(name, ds.read_file(name))
         for part in _iter_selected(ds, selected, starts):
             writer.write(*part)
         manifest = writer.finish()

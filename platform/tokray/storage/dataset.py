@@ -52,6 +52,18 @@ class TokenDataset:
                 b[codec.IDS] = b[codec.IDS].reshape(-1, h, w)
                 yield b
 
+    def read_file(self, name: str) -> bytes:
+        """A side file of the dataset (e.g. its codebook), checked against its recorded sha256."""
+        if name not in self.manifest.files:
+            raise FileNotFoundError(f"{self.uri} has no file {name!r}; it has: {sorted(self.manifest.files) or 'none'}")
+        data = self.store.read_meta(name)
+        if data is None:
+            raise FileNotFoundError(f"{self.uri}: {name} is in the manifest but missing from the store")
+        want = self.manifest.files[name]["sha256"]
+        if codec.sha256(data) != want:
+            raise ShardChecksumError(self.uri, name, want, codec.sha256(data))
+        return data
+
     def labels(self) -> np.ndarray:
         return np.concatenate([t.column(codec.LABEL).to_numpy() for t in
                                (self.read_shard(i, [codec.LABEL]) for i in range(len(self.manifest.shards)))])
@@ -115,6 +127,7 @@ class DatasetWriter:
                 raise FileExistsError(f"a dataset already exists at {self.store.uri}; choose another "
                                       "destination or pass --overwrite to replace it")
             self.store.clear()
+        self.files: dict[str, dict] = {}
         self.done: dict[int, ShardInfo] = self._resumable_shards()
         self._buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._buffered = 0
@@ -129,6 +142,7 @@ class DatasetWriter:
         if data is None:
             return {}
         progress = json.loads(data)
+        self.files = dict(progress.get("files", {}))
         previous = DatasetMeta.from_json(progress["meta"])
         if previous != self.meta:
             raise ValueError(
@@ -152,6 +166,14 @@ class DatasetWriter:
 
     def shard_done(self, index: int) -> bool:
         return index in self.done
+
+    def add_file(self, name: str, data: bytes) -> None:
+        """Store a side file (e.g. a codebook) with the dataset; listed and digested in the manifest."""
+        if name in ("manifest.json", "_progress.json") or name.endswith(".parquet") or "/" in name:
+            raise ValueError(f"side file name {name!r} is reserved or not a plain name")
+        self.store.write_meta(name, data)
+        self.files[name] = {"bytes": len(data), "sha256": codec.sha256(data)}
+        self._save_progress()
 
     def write(self, ids: np.ndarray, labels: np.ndarray, sample_ids: np.ndarray) -> None:
         """Append records in order; full shards are flushed as they fill."""
@@ -182,7 +204,7 @@ class DatasetWriter:
         return info
 
     def _save_progress(self) -> None:
-        progress = {"meta": self.meta.to_json(),
+        progress = {"meta": self.meta.to_json(), "files": self.files,
                     "shards": {str(i): dataclasses.asdict(s) for i, s in sorted(self.done.items())}}
         self.store.write_meta(PROGRESS_NAME, json.dumps(progress).encode())
 
@@ -202,7 +224,8 @@ class DatasetWriter:
         if indices != list(range(len(indices))):
             raise ValueError(f"shards {indices} are not contiguous from 0; the write to {self.store.uri} is incomplete")
         shards = tuple(self.done[i] for i in indices)
-        manifest = Manifest(meta=self.meta, num_samples=sum(s.rows for s in shards), shards=shards)
+        manifest = Manifest(meta=self.meta, num_samples=sum(s.rows for s in shards), shards=shards,
+                            files=dict(self.files))
         return manifest.with_store_bytes(self.store.overhead_bytes(shards))
 
     def commit(self, manifest: Manifest) -> Manifest:
@@ -228,6 +251,8 @@ def copy_dataset(src, dst, overwrite: bool = False, progress=None) -> Manifest:
     """Copy shard by shard between any two stores, verifying every shard read."""
     source = open_dataset(src)
     with DatasetWriter(dst, source.meta, overwrite=overwrite) as writer:
+        for name in source.manifest.files:
+            writer.add_file(name, source.read_file(name))
         for i in range(len(source.manifest.shards)):
             if not writer.shard_done(i):
                 b = codec.table_to_numpy(source.read_shard(i))

@@ -65,15 +65,20 @@ class Manifest:
     num_samples: int
     shards: tuple[ShardInfo, ...]
     store_bytes: int = 0  # bytes the whole dataset occupies on its store, manifest included
+    files: dict = dataclasses.field(default_factory=dict, hash=False)  # side files: name -> {bytes, sha256}
 
     @property
     def shard_bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
+    @property
+    def file_bytes(self) -> int:
+        return sum(f["bytes"] for f in self.files.values())
+
     def to_json(self) -> dict:
         return {"format_version": FORMAT_VERSION, "kind": "tokray.tokens", **self.meta.to_json(),
                 "num_samples": self.num_samples, "shard_bytes": self.shard_bytes,
-                "store_bytes": self.store_bytes,
+                "store_bytes": self.store_bytes, "files": self.files,
                 "shards": [dataclasses.asdict(s) for s in self.shards]}
 
     def dumps(self) -> bytes:
@@ -94,7 +99,7 @@ class Manifest:
         try:
             shards = tuple(ShardInfo(**s) for s in d["shards"])
             manifest = cls(meta=DatasetMeta.from_json(d), num_samples=int(d["num_samples"]),
-                           shards=shards, store_bytes=int(d.get("store_bytes", 0)))
+                           shards=shards, store_bytes=int(d.get("store_bytes", 0)), files=dict(d.get("files", {})))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{where}: manifest.json is missing or has a malformed field ({e!r})") from e
         if sum(s.rows for s in shards) != manifest.num_samples:
@@ -105,7 +110,7 @@ class Manifest:
         """Fix point: store bytes = shard bytes + other files + the manifest's own length."""
         m = dataclasses.replace(self, store_bytes=0)
         for _ in range(4):
-            total = self.shard_bytes + other_bytes + len(m.dumps())
+            total = self.shard_bytes + self.file_bytes + other_bytes + len(m.dumps())
             if total == m.store_bytes:
                 return m
             m = dataclasses.replace(m, store_bytes=total)

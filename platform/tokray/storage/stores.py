@@ -8,6 +8,8 @@ transaction over a key range, and its digest covers its keys and values in key o
 from __future__ import annotations
 
 import abc
+import contextlib
+import json
 import logging
 import os
 import struct
@@ -98,7 +100,8 @@ class Store(abc.ABC):
 
     def measured_bytes(self, manifest) -> int:
         """Bytes the complete dataset occupies on the store now."""
-        return manifest.shard_bytes + self.overhead_bytes(manifest.shards) + len(manifest.dumps())
+        return (manifest.shard_bytes + manifest.file_bytes + self.overhead_bytes(manifest.shards)
+                + len(manifest.dumps()))
 
     def close(self) -> None:
         """Release handles (LMDB envs); the store reopens on next use."""
@@ -175,8 +178,15 @@ class FileStore(Store):
         return 0
 
     def clear(self):
+        side = set()
+        for meta in ("manifest.json", "_progress.json"):  # side files are named there
+            data = self.read_meta(meta)
+            if data:
+                with contextlib.suppress(ValueError, AttributeError):
+                    side |= set(json.loads(data).get("files", {}))
         for name in self._list():
-            if name.endswith(".parquet") or name in ("manifest.json", "_progress.json") or ".tmp-" in name:
+            if name.endswith(".parquet") or name in side or name in ("manifest.json", "_progress.json") \
+                    or ".tmp-" in name:
                 self._delete(name)
 
     def exists(self):

@@ -1,0 +1,89 @@
+"""Evaluate a tokenizer on images: PSNR of reconstructions, codes used, order-0 entropy, and token
+bytes per image on the store against the source's JPEG bytes per image.
+
+  python jobs/evaluate_tokenizer.py --images ../shared/datasets/cifar10-train.tar [--tokenizer PATH]
+
+Default tokenizer: the embedded CIFAR-10 one. Default images: the fixed validation split of the
+source (`--split all` for every image). Writes `<out>/reconstructions.png` (originals above their
+reconstructions). Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from tokray.cli import print_result, print_table, run_main, setup_logging
+from tokray.data.images import ImageSource, decode_many
+from tokray.data.tokenize import TokenizeJob, select_indices, tokenize
+from tokray.train.tokenizer import entropy_bits, load_tokenizer, psnr_db, to_unit
+
+
+def save_grid(originals: np.ndarray, recons: np.ndarray, path: str, per_row: int = 16) -> None:
+    """Rows of originals, each followed by the row of their reconstructions."""
+    from PIL import Image
+
+    n = (len(originals) // per_row) * per_row or len(originals)
+    h, w = originals.shape[1:3]
+    rows = []
+    for s in range(0, n, per_row):
+        for batch in (originals[s:s + per_row], recons[s:s + per_row]):
+            row = np.zeros((h, per_row * w, 3), np.uint8)
+            row[:, : len(batch) * w] = np.concatenate(list(batch), axis=1)
+            rows.append(row)
+    Image.fromarray(np.concatenate(rows, axis=0)).resize((per_row * w * 2, len(rows) * h * 2), Image.NEAREST).save(path)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="a tar, a folder <anything>/<class>/<file>, or an s3:// prefix")
+    p.add_argument("--tokenizer", help="tokenizer.safetensors (default: the embedded CIFAR-10 tokenizer)")
+    p.add_argument("--split", default="val", choices=["val", "train", "all"])
+    p.add_argument("--val-per-class", type=int, default=500)
+    p.add_argument("--out", default="runs/evaluate_tokenizer", help="folder for the PNG grid")
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--smoke-test", action="store_true", help="64 images")
+    args = p.parse_args()
+    setup_logging()
+    if args.tokenizer is None:
+        from tokray.assets import default_tokenizer
+        args.tokenizer = default_tokenizer()
+    model, info = load_tokenizer(args.tokenizer)
+    job = TokenizeJob(images=args.images, dst="", tokenizer=args.tokenizer, split=args.split,
+                      val_per_class=args.val_per_class, max_images=64 if args.smoke_test else args.max_images)
+    src = ImageSource(args.images)
+    pixels, kept, bad = decode_many(src, select_indices(src, job), model.image_size)
+    ids, recon = [], []
+    with torch.no_grad():
+        for s in range(0, len(pixels), 500):
+            x = to_unit(pixels[s:s + 500])
+            i = model.encode(x)
+            ids.append(i)
+            recon.append(model.decode(i))
+    ids, recon = torch.cat(ids), torch.cat(recon)
+    psnr = psnr_db(recon, to_unit(pixels))
+    recon_u8 = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    with tempfile.TemporaryDirectory() as tmp:  # token bytes as really stored (shards + manifest)
+        res = tokenize(TokenizeJob(**{**job.__dict__, "dst": os.path.join(tmp, "tokens")}), use_ray=False)
+    os.makedirs(args.out, exist_ok=True)
+    grid_path = os.path.join(args.out, "reconstructions.png")
+    save_grid(pixels[:64], recon_u8[:64], grid_path)
+    bits = entropy_bits(ids.numpy())
+    tokens_per_image = ids.shape[1] * ids.shape[2]
+    out = {"psnr_db": psnr, "codes_used": int(len(torch.unique(ids))), "codebook_size": model.codebook_size,
+           "bits_per_token": bits, "entropy_bytes_per_image": bits * tokens_per_image / 8,
+           "token_bytes_per_image": res["store_bytes"] / max(1, res["num_samples"]),
+           "jpeg_bytes_per_image": src.file_bytes(kept) / max(1, len(kept)),
+           "images": int(len(kept)), "skipped": len(bad), "tokenizer": info["fingerprint"], "grid_png": grid_path}
+    out["token_vs_jpeg"] = out["token_bytes_per_image"] / out["jpeg_bytes_per_image"]
+    print_table([{k: v for k, v in out.items() if k not in ("grid_png", "tokenizer")}])
+    print_result(out)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

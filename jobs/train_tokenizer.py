@@ -1,0 +1,49 @@
+"""Train the VQ tokenizer on an image source (tar, folder <anything>/<class>/<file>, or s3:// prefix).
+
+  python jobs/train_tokenizer.py --images ../shared/datasets/cifar10-train.tar --out runs/tokenizer
+
+Resumable (rerun the same command; `--no-resume` starts over), progress bar, held-out PSNR,
+codes used and bits/token; the result is `<out>/tokenizer.safetensors`. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from tokray.cli import print_result, print_table, run_main, setup_logging
+from tokray.train.tokenizer import TokenizerConfig, train
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="image source: a tar, a folder or an s3:// prefix")
+    p.add_argument("--out", default="runs/tokenizer", help="run directory (checkpoint, config, result)")
+    p.add_argument("--model", default="vq_cifar_8x8", help="registered tokenizer variant")
+    p.add_argument("--model-args", default="{}", help='JSON overrides, e.g. \'{"codebook_size": 256}\'')
+    p.add_argument("--steps", type=int, default=TokenizerConfig.steps)
+    p.add_argument("--batch-size", type=int, default=TokenizerConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TokenizerConfig.lr)
+    p.add_argument("--eval-every", type=int, default=TokenizerConfig.eval_every)
+    p.add_argument("--val-per-class", type=int, default=TokenizerConfig.val_per_class)
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--smoke-test", action="store_true", help="a few steps on a few images (seconds)")
+    args = p.parse_args()
+    setup_logging()
+    cfg = TokenizerConfig(images=args.images, out_dir=args.out, model=args.model,
+                          model_args=json.loads(args.model_args), steps=args.steps, batch_size=args.batch_size,
+                          lr=args.lr, eval_every=args.eval_every, val_per_class=args.val_per_class)
+    if args.smoke_test:
+        cfg = dataclasses.replace(cfg, steps=6, batch_size=16, eval_every=3, ckpt_every=3, max_images=256,
+                                  val_per_class=2, model_args={"widths": (16, 32), "codebook_size": 64,
+                                                               **cfg.model_args})
+    print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    res = train(cfg, resume=not args.no_resume)
+    print_table(res["curve"], ["step", "seconds", "psnr_db", "codes_used", "bits_per_token"])
+    print_result({k: v for k, v in res.items() if k != "curve"})
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
