@@ -37,7 +37,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="a tar, a folder <anything>/<class>/<file>, or an s3:// prefix")
     p.add_argument("--dst", required=True, help="token dataset URI (local path, s3://, lmdb://)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.safetensors from jobs/train_tokenizer.py")
+    p.add_argument("--tokenizer", help="tokenizer.safetensors from jobs/train_tokenizer.py (default: the embedded CIFAR-10 one)")
     p.add_argument("--split", default="all", choices=["all", "train", "val"],
                    help="the fixed, seeded validation split (val) or the rest (train)")
     p.add_argument("--val-per-class", type=int, default=500)
@@ -50,6 +50,9 @@ def main() -> int:
     p.add_argument("--smoke-test", action="store_true", help="the first 512 images only")
     args = p.parse_args()
     setup_logging()
+    if args.tokenizer is None:
+        from tokray.assets import default_tokenizer
+        args.tokenizer = default_tokenizer()
     job = TokenizeJob(images=args.images, dst=args.dst, tokenizer=args.tokenizer, split=args.split,
                       val_per_class=args.val_per_class, shard_rows=args.shard_rows, batch_size=args.batch_size,
                       num_actors=args.actors, max_images=512 if args.smoke_test else args.max_images)

@@ -47,7 +47,8 @@ def encode_shard(table: pa.Table) -> bytes:
 
 
 def decode_shard(data: bytes, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(pa.BufferReader(data), columns=columns)
+    # single-threaded: shards are small, and pyarrow pool threads alive at exit can abort the process
+    return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
 
 
 def table_ids(table: pa.Table) -> np.ndarray:
