@@ -150,3 +150,18 @@ def test_training_resumes_from_its_checkpoint(image_tar, tmp_path, caplog):
     assert "resumed" in caplog.text and "at step 4" in caplog.text
     assert [c["step"] for c in second["curve"]] == [2, 4, 6]
     assert second["curve"][:2] == first["curve"]
+
+
+def test_evaluate_tokenizer_reports_and_draws(image_tar, tiny_tokenizer, tmp_path):
+    out = run_job("jobs/evaluate_tokenizer.py", "--images", image_tar, "--tokenizer", tiny_tokenizer["path"],
+                  "--split", "all", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("psnr_db", "codes_used", "bits_per_token", "token_bytes_per_image", "jpeg_bytes_per_image"):
+        assert key in res
+    assert res["images"] == 24 and res["skipped"] == 1
+    assert 0 < res["bits_per_token"] <= np.log2(res["codebook_size"]) + 1e-9
+    from PIL import Image
+
+    with Image.open(tmp_path / "reconstructions.png") as im:
+        assert im.size[0] > 0 and im.size[1] > 0

@@ -82,10 +82,14 @@ class DecodeImages:
 class TokenizeActor:
     """Ray Data actor: loads the tokenizer once, encodes pixel batches on its device."""
 
-    def __init__(self, tokenizer_path: str):
+    def __init__(self, tokenizer_path: str, num_actors: int = 1):
+        import os
+
         from tokray.train.tokenizer import load_tokenizer
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":  # Ray pins workers to 1 thread; the encoder is the heavy stage
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // num_actors))
         self.model, _ = load_tokenizer(tokenizer_path)
         self.model.to(self.device)
 
@@ -109,9 +113,11 @@ def _ray_batches(job: TokenizeJob, src: ImageSource, todo: np.ndarray, size: int
     use_gpu = torch.cuda.is_available()
     blocks = max(1, len(todo) // (4 * job.batch_size))
     ds = ray.data.from_items([{"index": int(i)} for i in todo], override_num_blocks=blocks)
+    # decoding is light (a few thousand images/s per process): a fraction of a CPU keeps it
+    # running beside the tokenizer actors instead of waiting for a whole core
     ds = ds.map_batches(DecodeImages, fn_constructor_args=(job.images, size), batch_size=job.batch_size,
-                        batch_format="numpy", concurrency=1)
-    ds = ds.map_batches(TokenizeActor, fn_constructor_args=(job.tokenizer,), batch_size=job.batch_size,
+                        batch_format="numpy", concurrency=1, num_cpus=0.5)
+    ds = ds.map_batches(TokenizeActor, fn_constructor_args=(job.tokenizer, job.num_actors), batch_size=job.batch_size,
                         batch_format="numpy", concurrency=job.num_actors, num_gpus=1 if use_gpu else 0)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
