@@ -128,3 +128,11 @@ def test_bad_inputs(tmp_path):
     out = _import({**paths, "codebook": str(tmp_path / "missing.ckpt")}, tmp_path / "ds", "--grid", "4", "4")
     assert out.returncode == 2 and "missing.ckpt" in out.stderr, out.stderr
     assert not (tmp_path / "ds" / "manifest.json").exists()
+
+
+def test_decode_hand_written_bytes():
+    """Independent of our encoder: the escape coding spelled out byte by byte."""
+    data = bytes([3, 255, 0, 255, 45, 255, 255, 254,  # image 0: 3, 255, 300, 510, 254 ... (5 tokens)
+                  255, 135, 0, 1, 2, 254])  # image 1: 390, 0, 1, 2, 254
+    got = decode_seit_tokens(data, np.array([0, 8, 14]), 5)
+    np.testing.assert_array_equal(got, [[3, 255, 300, 510, 254], [390, 0, 1, 2, 254]])
