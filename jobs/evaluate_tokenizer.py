@@ -71,7 +71,8 @@ def main() -> int:
         res = tokenize(TokenizeJob(**{**job.__dict__, "dst": os.path.join(tmp, "tokens")}), use_ray=False)
     os.makedirs(args.out, exist_ok=True)
     grid_path = os.path.join(args.out, "reconstructions.png")
-    save_grid(pixels[:64], recon_u8[:64], grid_path)
+    show = np.linspace(0, len(pixels) - 1, min(64, len(pixels))).astype(int)  # across all classes
+    save_grid(pixels[show], recon_u8[show], grid_path)
     bits = entropy_bits(ids.numpy())
     tokens_per_image = ids.shape[1] * ids.shape[2]
     out = {"psnr_db": psnr, "codes_used": int(len(torch.unique(ids))), "codebook_size": model.codebook_size,

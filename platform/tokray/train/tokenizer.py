@@ -86,6 +86,7 @@ def save_tokenizer(model, model_name: str, model_args: dict, path: str, extra: d
     meta = {"config": json.dumps(config), "fingerprint": fp, "extra": json.dumps(extra or {})}
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata=meta)
+    os.chmod(tmp, 0o644)  # a shipped file: readable by all, like any package data
     os.replace(tmp, path)
     return fp
 
