@@ -19,19 +19,21 @@ import torch
 
 from tokray.cli import print_result, print_table, run_main, setup_logging
 from tokray.data.images import ImageSource, decode_many
-from tokray.data.tokenize import TokenizeJob, select_indices, tokenize
+from tokray.data.tokenize import TokenizeJob, require_same_tokenizer, select_indices, tokenize
+from tokray.storage.dataset import open_dataset
 from tokray.train.tokenizer import entropy_bits, load_tokenizer, psnr_db, to_unit
 
 
-def save_grid(originals: np.ndarray, recons: np.ndarray, path: str, per_row: int = 16) -> None:
-    """Rows of originals, each followed by the row of their reconstructions."""
+def save_grid(path: str, *image_sets: np.ndarray, per_row: int = 16) -> None:
+    """A PNG of rows of ``per_row`` images; with several sets, their rows alternate (originals over
+    reconstructions)."""
     from PIL import Image
 
-    n = (len(originals) // per_row) * per_row or len(originals)
-    h, w = originals.shape[1:3]
+    h, w = image_sets[0].shape[1:3]
     rows = []
-    for s in range(0, n, per_row):
-        for batch in (originals[s:s + per_row], recons[s:s + per_row]):
+    for s in range(0, len(image_sets[0]), per_row):
+        for images in image_sets:
+            batch = images[s:s + per_row]
             row = np.zeros((h, per_row * w, 3), np.uint8)
             row[:, : len(batch) * w] = np.concatenate(list(batch), axis=1)
             rows.append(row)
@@ -45,6 +47,8 @@ def main() -> int:
     p.add_argument("--split", default="val", choices=["val", "train", "all"])
     p.add_argument("--val-per-class", type=int, default=500)
     p.add_argument("--out", default="runs/evaluate_tokenizer", help="folder for the PNG grid")
+    p.add_argument("--tokens", help="also decode the first 64 samples of this token dataset to a PNG "
+                   "(it must come from the same tokenizer)")
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--smoke-test", action="store_true", help="64 images")
     args = p.parse_args()
@@ -53,6 +57,9 @@ def main() -> int:
         from tokray.assets import default_tokenizer
         args.tokenizer = default_tokenizer()
     model, info = load_tokenizer(args.tokenizer)
+    if args.tokens:  # checked first: a wrong pairing fails before any work
+        tokens = open_dataset(args.tokens)
+        require_same_tokenizer(tokens.meta, info["fingerprint"], args.tokens)
     job = TokenizeJob(images=args.images, dst="", tokenizer=args.tokenizer, split=args.split,
                       val_per_class=args.val_per_class, max_images=64 if args.smoke_test else args.max_images)
     src = ImageSource(args.images)
@@ -72,7 +79,11 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     grid_path = os.path.join(args.out, "reconstructions.png")
     show = np.linspace(0, len(pixels) - 1, min(64, len(pixels))).astype(int)  # across all classes
-    save_grid(pixels[show], recon_u8[show], grid_path)
+    save_grid(grid_path, pixels[show], recon_u8[show])
+    if args.tokens:
+        stored = torch.from_numpy(next(tokens.iter_batches(64))["ids"].astype(np.int64))
+        decoded = ((model.decode(stored) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        save_grid(os.path.join(args.out, "decoded_tokens.png"), decoded)
     bits = entropy_bits(ids.numpy())
     tokens_per_image = ids.shape[1] * ids.shape[2]
     out = {"psnr_db": psnr, "codes_used": int(len(torch.unique(ids))), "codebook_size": model.codebook_size,

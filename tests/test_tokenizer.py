@@ -165,3 +165,13 @@ def test_evaluate_tokenizer_reports_and_draws(image_tar, tiny_tokenizer, tmp_pat
 
     with Image.open(tmp_path / "reconstructions.png") as im:
         assert im.size[0] > 0 and im.size[1] > 0
+
+
+def test_tokens_from_another_tokenizer_are_refused(image_tar, tiny_tokenizer, tmp_path):
+    from tokray.assets import default_tokens
+
+    out = run_job("jobs/evaluate_tokenizer.py", "--images", image_tar, "--tokenizer", tiny_tokenizer["path"],
+                  "--tokens", default_tokens("val"), "--out", str(tmp_path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    shipped = open_dataset(default_tokens("val")).meta.tokenizer
+    assert shipped in out.stderr and tiny_tokenizer["fingerprint"] in out.stderr
