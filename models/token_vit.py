@@ -1,0 +1,78 @@
+"""A ViT over token ids, built on timm's VisionTransformer through its ``embed_layer`` seam.
+
+ids [B, h, w] -> learned token embedding (vocab x d_tok, LayerNorm, dropout) -> conv stem
+(k x k, stride k) -> (h/k)(w/k) patches -> timm transformer blocks -> global average pooling.
+Grid and vocabulary are arguments (a dataset manifest supplies them), never literals.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from models.registry import register_model
+
+
+class TokenEmbed(nn.Module):
+    """timm ``embed_layer``: takes the keyword arguments timm passes to a patch embedding."""
+
+    def __init__(self, img_size=8, patch_size=1, in_chans=32, embed_dim=128, bias=True, dynamic_img_pad=False,
+                 *, vocab_size: int, token_dropout: float = 0.1, device=None, dtype=None, **_unused):
+        super().__init__()
+        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"token grid {h}x{w} is not divisible by the stem's patch size {patch_size}")
+        self.img_size, self.patch_size = (h, w), (patch_size, patch_size)
+        self.grid_size = (h // patch_size, w // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, in_chans, device=device, dtype=dtype)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.norm = nn.LayerNorm(in_chans, eps=1e-6, device=device, dtype=dtype)
+        self.drop = nn.Dropout(token_dropout)
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, bias=bias, device=device, dtype=dtype)
+
+    def feat_ratio(self, as_scalar=True):
+        return self.patch_size[0] if as_scalar else self.patch_size
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, h, w] (any integer dtype) -> token embeddings [B, h, w, d_tok]."""
+        if ids.shape[-2:] != self.img_size:
+            raise ValueError(f"token grid {tuple(ids.shape[-2:])} does not match the model's grid {self.img_size}")
+        return self.drop(self.norm(self.embed(ids.long())))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(ids).permute(0, 3, 1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
+
+
+def token_vit(grid: tuple[int, int], vocab_size: int, num_classes: int = 0, *, stem: int = 1, token_dim: int = 32,
+              embed_dim: int = 128, depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0,
+              drop_path_rate: float = 0.0, token_dropout: float = 0.1) -> VisionTransformer:
+    return VisionTransformer(
+        img_size=tuple(grid), patch_size=stem, in_chans=token_dim, num_classes=num_classes, embed_dim=embed_dim,
+        depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, global_pool="avg",
+        class_token=True, fc_norm=True, drop_path_rate=drop_path_rate,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        embed_layer=partial(TokenEmbed, vocab_size=vocab_size, token_dropout=token_dropout))
+
+
+@register_model
+def token_vit_tiny(grid=(8, 8), vocab_size=512, **kw):
+    """CIFAR scale: width 128, depth 4, 1x1 stem (64 patches on an 8x8 grid)."""
+    return token_vit(grid, vocab_size, **{"stem": 1, "embed_dim": 128, "depth": 4, "num_heads": 4, **kw})
+
+
+@register_model
+def token_vit_small(grid=(28, 28), vocab_size=391, **kw):
+    """ViT-S/16 equivalent on SeiT's 28x28 token crops: 2x2 stem, 196 patches."""
+    return token_vit(grid, vocab_size, **{"stem": 2, "embed_dim": 384, "depth": 12, "num_heads": 6, **kw})
+
+
+@register_model
+def token_vit_base(grid=(28, 28), vocab_size=391, **kw):
+    """ViT-B/16 equivalent on SeiT's 28x28 token crops: 2x2 stem, 196 patches."""
+    return token_vit(grid, vocab_size, **{"stem": 2, "embed_dim": 768, "depth": 12, "num_heads": 12, **kw})
