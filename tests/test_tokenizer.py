@@ -175,3 +175,18 @@ def test_tokens_from_another_tokenizer_are_refused(image_tar, tiny_tokenizer, tm
     assert out.returncode == 2 and "Traceback" not in out.stderr
     shipped = open_dataset(default_tokens("val")).meta.tokenizer
     assert shipped in out.stderr and tiny_tokenizer["fingerprint"] in out.stderr
+
+
+def test_images_from_an_s3_prefix(image_tar, s3_bucket):
+    import boto3
+
+    from tokray.data.images import ImageSource
+
+    local = ImageSource(image_tar)
+    s3 = boto3.client("s3")
+    for i, name in enumerate(local.members):
+        s3.put_object(Bucket=s3_bucket, Key=f"raw/{name}", Body=local.read(i))
+    remote = ImageSource(f"s3://{s3_bucket}/raw")
+    assert remote.class_names == local.class_names and len(remote) == len(local)
+    np.testing.assert_array_equal(remote.labels, local.labels)
+    assert remote.read(5) == local.read(5)
