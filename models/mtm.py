@@ -93,7 +93,9 @@ class MaskedTokenModel(nn.Module):
         keep_idx = (~dropped).float().argsort(dim=1, descending=True, stable=True)[:, :n_keep]  # kept, in order
         x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(b, -1, -1)
-        x = enc.norm(enc.blocks(torch.cat([cls, x], dim=1)))
+        # with global average pooling timm's final LayerNorm is fc_norm (norm is Identity): apply it
+        # per token here, so the fine-tuning model inherits a trained one
+        x = enc.fc_norm(enc.norm(enc.blocks(torch.cat([cls, x], dim=1))))
 
         y = self.decoder_embed(x)
         full = y[:, :1].expand(-1, self.num_patches, -1).clone()  # CLS output at every position...
