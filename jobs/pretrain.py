@@ -78,13 +78,12 @@ def main() -> int:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_json(), "grid": list(meta.grid), "vocab_size": meta.codebook_size,
-                           "num_samples": len(ds_meta)},
+                           "num_samples": len(ds_meta), "resume_from": resume},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=ray.train.RunConfig(name=name, storage_path=os.path.join(out, "ray"),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-        datasets={"train": dataset},
-        resume_from_checkpoint=ray.train.Checkpoint(resume) if resume else None)
+        datasets={"train": dataset})
     result = trainer.fit()
     m = result.metrics or {}
     print_table([{"recipe": name, "steps": m.get("step"), "total": total, "loss": m.get("loss"),

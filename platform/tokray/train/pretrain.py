@@ -64,7 +64,8 @@ def train_loop_per_worker(config: dict) -> None:
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     per_epoch, total = total_steps(cfg, num_samples)
     step = 0
-    ckpt = ray.train.get_checkpoint()
+    # a restart after a failure gets the run's latest checkpoint; --resume names one explicitly
+    ckpt = ray.train.get_checkpoint() or (ray.train.Checkpoint(config["resume_from"]) if config.get("resume_from") else None)
     if ckpt:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
