@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from tokray.data.images import ImageSource, decode_image, validation_split
+from tokray.devices import has_accelerator, local_device
 from tokray.storage.dataset import DatasetWriter
 from tokray.storage.manifest import DatasetMeta, Manifest
 
@@ -87,7 +88,7 @@ class TokenizeActor:
 
         from tokray.train.tokenizer import load_tokenizer
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = local_device()
         if self.device.type == "cpu":  # Ray pins workers to 1 thread; the encoder is the heavy stage
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // num_actors))
         self.model, _ = load_tokenizer(tokenizer_path)
@@ -110,7 +111,7 @@ def _ray_batches(job: TokenizeJob, src: ImageSource, todo: np.ndarray, size: int
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards are written in source order
-    use_gpu = torch.cuda.is_available()
+    use_gpu = has_accelerator()
     blocks = max(1, len(todo) // (4 * job.batch_size))
     ds = ray.data.from_items([{"index": int(i)} for i in todo], override_num_blocks=blocks)
     # decoding is light (a few thousand images/s per process): a fraction of a CPU keeps it
@@ -125,7 +126,7 @@ def _ray_batches(job: TokenizeJob, src: ImageSource, todo: np.ndarray, size: int
 def _inprocess_batches(job: TokenizeJob, src: ImageSource, todo: np.ndarray, size: int) -> Iterator[dict]:
     from tokray.train.tokenizer import load_tokenizer
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device()
     model, _ = load_tokenizer(job.tokenizer)
     model.to(device)
     decode = DecodeImages(job.images, size)
