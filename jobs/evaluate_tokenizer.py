@@ -19,8 +19,9 @@ import torch
 
 from tokray.cli import print_result, print_table, run_main, setup_logging
 from tokray.data.images import ImageSource, decode_many
-from tokray.data.tokenize import TokenizeJob, require_same_tokenizer, select_indices, tokenize
-from tokray.storage.dataset import open_dataset
+from tokray.data.tokenize import TokenizeJob, require_same_tokenizer, select_indices
+from tokray.storage.dataset import DatasetWriter, open_dataset
+from tokray.storage.manifest import DatasetMeta
 from tokray.train.tokenizer import entropy_bits, load_tokenizer, psnr_db, to_unit
 
 
@@ -74,8 +75,12 @@ def main() -> int:
     ids, recon = torch.cat(ids), torch.cat(recon)
     psnr = psnr_db(recon, to_unit(pixels))
     recon_u8 = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    with tempfile.TemporaryDirectory() as tmp:  # token bytes as really stored (shards + manifest)
-        res = tokenize(TokenizeJob(**{**job.__dict__, "dst": os.path.join(tmp, "tokens")}), use_ray=False)
+    with tempfile.TemporaryDirectory() as tmp:  # the ids just computed, stored: shards + manifest bytes
+        meta = DatasetMeta(grid=model.grid, codebook_size=model.codebook_size, class_names=src.class_names,
+                           tokenizer=info["fingerprint"], shard_rows=8192)
+        with DatasetWriter(os.path.join(tmp, "tokens"), meta) as writer:
+            writer.write(ids.numpy().astype(np.uint16), src.labels[kept], kept)
+            stored = writer.close()
     os.makedirs(args.out, exist_ok=True)
     grid_path = os.path.join(args.out, "reconstructions.png")
     show = np.linspace(0, len(pixels) - 1, min(64, len(pixels))).astype(int)  # across all classes
@@ -88,7 +93,7 @@ def main() -> int:
     tokens_per_image = ids.shape[1] * ids.shape[2]
     out = {"psnr_db": psnr, "codes_used": int(len(torch.unique(ids))), "codebook_size": model.codebook_size,
            "bits_per_token": bits, "entropy_bytes_per_image": bits * tokens_per_image / 8,
-           "token_bytes_per_image": res["store_bytes"] / max(1, res["num_samples"]),
+           "token_bytes_per_image": stored.store_bytes / max(1, stored.num_samples),
            "jpeg_bytes_per_image": src.file_bytes(kept) / max(1, len(kept)),
            "images": int(len(kept)), "skipped": len(bad), "tokenizer": info["fingerprint"], "grid_png": grid_path}
     out["token_vs_jpeg"] = out["token_bytes_per_image"] / out["jpeg_bytes_per_image"]

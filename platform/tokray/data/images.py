@@ -106,21 +106,27 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
-def decode_many(source: ImageSource, indices, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode images; a corrupt or non-image file is logged by name and skipped.
+def decode_batch(source: ImageSource, indices, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode images; a corrupt or non-image file is logged by name and marked invalid.
 
-    Returns (pixels [n, size, size, 3] uint8, kept indices, names of skipped files).
+    Returns (pixels [n, size, size, 3] uint8, zeros where invalid; valid [n] bool).
     """
-    out, kept, bad = [], [], []
-    for i in indices:
+    pixels = np.zeros((len(indices), size, size, 3), np.uint8)
+    valid = np.ones(len(indices), dtype=bool)
+    for j, i in enumerate(indices):
         try:
-            out.append(decode_image(source.read(int(i)), size))
-            kept.append(int(i))
+            pixels[j] = decode_image(source.read(int(i)), size)
         except Exception as e:  # PIL raises many types for a bad file; the job must go on
+            valid[j] = False
             log.warning("skipping %s: not a decodable image (%s: %s)", source.members[int(i)], type(e).__name__, e)
-            bad.append(source.members[int(i)])
-    pixels = np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
-    return pixels, np.array(kept, dtype=np.int64), bad
+    return pixels, valid
+
+
+def decode_many(source: ImageSource, indices, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode images, dropping unreadable ones: (pixels, kept indices, names of skipped files)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    pixels, valid = decode_batch(source, indices, size)
+    return pixels[valid], indices[valid], [source.members[int(i)] for i in indices[~valid]]
 
 
 def validation_split(labels: np.ndarray, per_class: int = 500, seed: int = 0) -> np.ndarray:

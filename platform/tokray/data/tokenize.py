@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from tokray.data.images import ImageSource, decode_image, validation_split
+from tokray.data.images import ImageSource, decode_batch, validation_split
 from tokray.devices import has_accelerator, local_device
 from tokray.storage.dataset import DatasetWriter
 from tokray.storage.manifest import DatasetMeta, Manifest
@@ -68,15 +68,7 @@ class DecodeImages:
     def __call__(self, batch: dict) -> dict:
         if self.src is None:
             self.src = ImageSource(self.images)
-        n = len(batch["index"])
-        pixels = np.zeros((n, self.size, self.size, 3), np.uint8)
-        valid = np.ones(n, dtype=bool)
-        for j, i in enumerate(batch["index"]):
-            try:
-                pixels[j] = decode_image(self.src.read(int(i)), self.size)
-            except Exception as e:  # PIL raises many types for a bad file; count it and go on
-                valid[j] = False
-                log.warning("skipping %s: not a decodable image (%s)", self.src.members[int(i)], type(e).__name__)
+        pixels, valid = decode_batch(self.src, batch["index"], self.size)
         return {"index": batch["index"], "pixels": pixels, "valid": valid}
 
 
