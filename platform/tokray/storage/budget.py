@@ -14,7 +14,8 @@ import numpy as np
 
 from tokray.storage import codec
 from tokray.storage.dataset import DatasetWriter, TokenDataset, open_dataset
-from tokray.storage.manifest import Manifest, ShardInfo
+from tokray.storage.manifest import Manifest
+from tokray.storage.stores import MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -83,28 +84,14 @@ def _iter_selected(ds: TokenDataset, selected: np.ndarray, starts: np.ndarray):
             yield b[codec.IDS], b[codec.LABEL], b[codec.SAMPLE_ID]
 
 
-def _estimated_bytes(ds: TokenDataset, selected: np.ndarray, starts: np.ndarray, shard_rows: int, meta) -> int:
-    """Bytes the subset's shards and manifest would take on a file store, by encoding in memory."""
-    shards, buf = [], []
-
-    def flush(parts):
-        ids, labels, sids = (np.concatenate(x) for x in zip(*parts))
-        data = codec.encode_shard(codec.records_to_table(ids, labels, sids))
-        shards.append(ShardInfo(f"shard-{len(shards):05d}.parquet", len(sids), len(data), "0" * 64,
-                                int(sids[0]), int(sids[-1])))
-
-    pending = 0
+def _estimated_bytes(ds: TokenDataset, selected: np.ndarray, starts: np.ndarray, meta) -> int:
+    """Bytes the subset would take on a file store: the real writer, into memory."""
+    writer = DatasetWriter("<memory>", meta, store=MemoryStore())
+    for name in ds.manifest.files:
+        writer.add_file(name, ds.read_file(name))
     for part in _iter_selected(ds, selected, starts):
-        buf.append(part)
-        pending += len(part[0])
-        while pending >= shard_rows:
-            parts = [np.concatenate(x) for x in zip(*buf)]
-            flush([tuple(p[:shard_rows] for p in parts)])
-            buf = [tuple(p[shard_rows:] for p in parts)]
-            pending -= shard_rows
-    if pending:
-        flush(buf)
-    return Manifest(meta, int(len(selected)), tuple(shards), files=ds.manifest.files).with_store_bytes(0).store_bytes
+        writer.write(*part)
+    return writer.finish().store_bytes
 
 
 def make_subset(src, dst, budget: Budget, seed: int = 0, overwrite: bool = False) -> Manifest:
@@ -151,13 +138,12 @@ def make_subset(src, dst, budget: Budget, seed: int = 0, overwrite: bool = False
 
 def _fit_count(ds, order, sizes, starts, n, limit, meta_for) -> int:
     """Largest sample count whose encoded subset fits ``limit`` (secant steps, then bisection)."""
-    shard_rows = ds.meta.shard_rows
     lo, hi = 0, int(sizes.sum()) + 1  # lo fits, hi does not
     for _ in range(12):
         n = min(max(n, lo + 1), hi - 1)
         if hi - lo <= 1 or n <= 0:
             break
-        got = _estimated_bytes(ds, _selection(order, allocate(sizes, n)), starts, shard_rows, meta_for(n))
+        got = _estimated_bytes(ds, _selection(order, allocate(sizes, n)), starts, meta_for(n))
         if got <= limit:
             lo = n
             n = int(n * limit / got) if got else hi - 1

@@ -118,8 +118,8 @@ class DatasetWriter:
     exception leaves the progress (for resume) and no manifest.
     """
 
-    def __init__(self, uri, meta: DatasetMeta, overwrite: bool = False):
-        self.store = open_store(uri)
+    def __init__(self, uri, meta: DatasetMeta, overwrite: bool = False, store: Store | None = None):
+        self.store = store if store is not None else open_store(uri)
         self.meta = meta
         self.store.check(for_write=True)
         if self.store.read_meta(MANIFEST_NAME) is not None:
