@@ -39,10 +39,15 @@ class TokenEmbed(nn.Module):
         return self.patch_size[0] if as_scalar else self.patch_size
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, h, w] (any integer dtype) -> token embeddings [B, h, w, d_tok]."""
-        if ids.shape[-2:] != self.img_size:
+        """ids [B, h, w] (any integer dtype), or code distributions [B, V, h, w] (float; what Mixup
+        mixes), -> token embeddings [B, h, w, d_tok]."""
+        if tuple(ids.shape[-2:]) != self.img_size:
             raise ValueError(f"token grid {tuple(ids.shape[-2:])} does not match the model's grid {self.img_size}")
-        return self.drop(self.norm(self.embed(ids.long())))
+        if ids.is_floating_point():
+            x = torch.einsum("bvhw,vd->bhwd", ids, self.embed.weight)
+        else:
+            x = self.embed(ids.long())
+        return self.drop(self.norm(x))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(ids).permute(0, 3, 1, 2)

@@ -9,15 +9,12 @@ def _result(out):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_smoke_run_checkpoints_and_resumes(tmp_path):
-    first = run_job("jobs/pretrain.py", "--smoke-test", "--max-steps", "3", "--out", str(tmp_path), timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    res = _result(first)
-    assert res["step"] == 3 and res["checkpoint"] and (tmp_path / "config.json").exists()
-    assert json.loads((tmp_path / "config.json").read_text())["recipe"] == "smoke"
+def test_smoke_run_checkpoints_and_resumes(smoke_mtm_run):
+    out = smoke_mtm_run
+    assert list((out / "ray").glob("*/checkpoint_*/state.pt")) and (out / "config.json").exists()
+    assert json.loads((out / "config.json").read_text())["recipe"] == "smoke"
 
-    second = run_job("jobs/pretrain.py", "--smoke-test", "--max-steps", "6", "--resume", "--out", str(tmp_path),
-                     timeout=600)
+    second = run_job("jobs/pretrain.py", "--smoke-test", "--max-steps", "6", "--resume", "--out", str(out), timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "restored from checkpoint at step 3" in second.stdout + second.stderr
     assert _result(second)["step"] == 6

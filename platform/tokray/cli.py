@@ -7,7 +7,8 @@ import logging
 import sys
 from typing import Callable
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, KeyError)
+# FloatingPointError: a non-finite loss, reported with its step
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, KeyError, FloatingPointError)
 
 
 def setup_logging(verbose: bool = False) -> None:

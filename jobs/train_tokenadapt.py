@@ -1,0 +1,60 @@
+"""Train TokenAdapt (f and g) for a tokenizer, from the images it tokenizes.
+
+  python jobs/train_tokenadapt.py --images ../shared/datasets/cifar10-train.tar --out runs/tokenadapt
+
+For each image x with tokens z, one view A (flip, rotate/translate/shear, random-resized crop) in
+normalized coordinates is applied to x and to f(z); the loss is CE(g(A(f(z))), tokenizer(A(x))).
+Resumable (rerun the same command; `--no-resume` starts over), progress bar, token agreement on
+held-out images (naive grid augmentation vs TokenAdapt). The result is
+`<out>/tokenadapt.safetensors` (float16, with the tokenizer's fingerprint in its metadata; copy it to
+platform/tokray/assets/cifar10/ to ship it). Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from tokray.cli import print_result, print_table, run_main, setup_logging
+from tokray.train.tokenadapt import TokenAdaptConfig, train
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="image source: a tar, a folder or an s3:// prefix")
+    p.add_argument("--out", default="runs/tokenadapt", help="run directory (checkpoint, config, result)")
+    p.add_argument("--tokenizer", default="", help="tokenizer.safetensors (default: the embedded CIFAR-10 one)")
+    p.add_argument("--model", default=TokenAdaptConfig.model, help="registered TokenAdapt variant")
+    p.add_argument("--model-args", default="{}", help='JSON overrides, e.g. \'{"dim": 64, "depth": 1}\'')
+    p.add_argument("--steps", type=int, default=TokenAdaptConfig.steps)
+    p.add_argument("--batch-size", type=int, default=TokenAdaptConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TokenAdaptConfig.lr)
+    p.add_argument("--eval-every", type=int, default=TokenAdaptConfig.eval_every)
+    p.add_argument("--eval-images", type=int, default=TokenAdaptConfig.eval_images,
+                   help="held-out images for the periodic agreement (the final one uses the whole split)")
+    p.add_argument("--val-per-class", type=int, default=TokenAdaptConfig.val_per_class)
+    p.add_argument("--max-images", type=int, default=0, help="use only this many training images (0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--smoke-test", action="store_true", help="a few steps of a tiny model on a few images (seconds)")
+    args = p.parse_args()
+    setup_logging()
+    cfg = TokenAdaptConfig(images=args.images, out_dir=args.out, tokenizer=args.tokenizer, model=args.model,
+                           model_args=json.loads(args.model_args), steps=args.steps, batch_size=args.batch_size,
+                           lr=args.lr, eval_every=args.eval_every, eval_images=args.eval_images,
+                           val_per_class=args.val_per_class, max_images=args.max_images, seed=args.seed)
+    if args.smoke_test:
+        cfg = dataclasses.replace(cfg, steps=4, batch_size=8, warmup=2, eval_every=2, ckpt_every=2, eval_images=8,
+                                  max_images=64, val_per_class=2,
+                                  model_args={"dim": 16, "depth": 1, "num_heads": 2, **cfg.model_args})
+    print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    res = train(cfg, resume=not args.no_resume)
+    print_table([{"view": k, **v} for k, v in res["agreement"].items()],
+                ["view", "naive", "tokenadapt", "naive_psnr_db", "tokenadapt_psnr_db", "tokenizer_psnr_db"])
+    print_result({k: v for k, v in res.items() if k != "curve"})
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,224 @@
+"""The token augmentation pipeline of a training step (SeiT / SeiT++), batched on the device.
+
+    ids [B, h, w]
+      -> Token-EDA on ids                      one choice per sample: replace | swap | identity
+      -> codebook embeddings [B, C, h, w]
+      -> colour, one choice per iteration:     Emb-Noise | ColorAdapt | nothing (on a fraction)
+      -> split: first B - B//2 samples "base", last B//2 "TokenAdapt" (when ``tokenadapt``)
+           base:       RRC + flip on the embedding map (bicubic) -> cosine requantization -> CutMix
+           TokenAdapt: f -> flip / affine / RRC in f-space -> Mixup|CutMix in f-space -> g -> argmax
+      -> ids [B, h', w'] (+ soft targets when labels are given and mixing is on)
+
+Everything ends as ids, as in SeiT++ (the model embeds them itself). Sample order is kept: output
+row i comes from input row i (and its mixing partner inside its half, the mirrored index).
+Defaults are all off: ``TokenAugment(AugmentConfig(), codebook, None)`` returns the ids unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tokray.augment import ops
+from tokray.augment.geometry import GeometrySpec, center_crop_ids, warp
+from tokray.augment.tokenadapt import check_compatible, load_tokenadapt, tokenadapt_logits
+
+__all__ = ["AugmentConfig", "TokenAugment", "build_token_augment", "center_crop_ids"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Every setting of the token augmentation of a run (defaults: everything off)."""
+
+    # Token-EDA (SeiT): per sample, synonym replacement with eda_replace_prob, patch swap with
+    # eda_swap_prob, else nothing
+    eda_replace_prob: float = 0.0
+    eda_swap_prob: float = 0.0
+    eda_synonyms: int = 5  # synonyms per code: its most cosine-similar codes
+    eda_replace_token_prob: float = 0.25  # share of a chosen sample's tokens replaced
+    eda_swap_scale: float = 0.25  # swapped square side = int(min(h, w) * U(0, scale)) tokens
+    # colour, chosen per iteration: Emb-Noise with noise_prob, ColorAdapt with coloradapt_prob
+    noise_prob: float = 0.0
+    noise_fraction: float = 0.5  # share of the samples that get noise
+    noise_offset_std: float = 0.05  # per-channel offset, in codebook units (codes are l2-normalised:
+    noise_std: float = 0.05  # one channel has std ~1/sqrt(C) = 0.18 for C = 32); per-position noise
+    coloradapt_prob: float = 0.0
+    coloradapt_fraction: float = 0.5
+    # geometry of the base path (on the embedding map, bicubic, then requantized)
+    rrc_prob: float = 0.0  # random-resized crop (SeiT: 1.0); also the crop of the TokenAdapt path
+    rrc_scale: tuple = (0.08, 1.0)
+    rrc_ratio: tuple = (3 / 4, 4 / 3)
+    flip_prob: float = 0.0  # naive flip of the base path (SeiT++ flips only through TokenAdapt)
+    out_size: int = 0  # side of the output grid; 0 = the input grid
+    # TokenAdapt: the last B//2 samples go through f -> A -> g
+    tokenadapt: bool = False
+    tokenadapt_path: str = ""  # "" = the shipped CIFAR-10 weights
+    tokenadapt_flip_prob: float = 0.5
+    tokenadapt_affine_prob: float = 0.5  # rotate/translate/shear group (each op p = 0.5)
+    # mixing and targets (need labels): CutMix on both paths, Mixup in f-space (TokenAdapt path)
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_switch_prob: float = 0.5  # with both on: CutMix with this probability, else Mixup
+    label_smoothing: float = 0.0
+    num_classes: int = 0
+
+    def __post_init__(self):
+        probs = ("eda_replace_prob", "eda_swap_prob", "eda_replace_token_prob", "noise_prob", "noise_fraction",
+                 "coloradapt_prob", "coloradapt_fraction", "rrc_prob", "flip_prob", "tokenadapt_flip_prob",
+                 "tokenadapt_affine_prob", "mix_switch_prob", "label_smoothing")
+        for name in probs:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"augment.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.eda_replace_prob + self.eda_swap_prob > 1.0:
+            raise ValueError(f"augment.eda_replace_prob + eda_swap_prob must be <= 1 (one choice per sample), got "
+                             f"{self.eda_replace_prob} + {self.eda_swap_prob}")
+        if self.noise_prob + self.coloradapt_prob > 1.0:
+            raise ValueError(f"augment.noise_prob + coloradapt_prob must be <= 1 (one choice per iteration), got "
+                             f"{self.noise_prob} + {self.coloradapt_prob}")
+        for name in ("noise_offset_std", "noise_std", "mixup_alpha", "cutmix_alpha", "eda_swap_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
+        if self.out_size < 0:
+            raise ValueError(f"augment.out_size must be >= 0 (0 = keep the grid), got {self.out_size}")
+        if self.eda_synonyms < 1:
+            raise ValueError(f"augment.eda_synonyms must be >= 1, got {self.eda_synonyms}")
+        if self.mixing and self.num_classes <= 0:
+            raise ValueError("augment.num_classes must be set (> 0) when mixup_alpha or cutmix_alpha is on")
+        if self.mixup_alpha > 0 and not self.tokenadapt:
+            raise ValueError("augment.mixup_alpha needs tokenadapt=True: SeiT++ mixes in TokenAdapt's f-space; mixed "
+                             "embeddings re-quantize to tokens of neither image. Use cutmix_alpha for the base path")
+        self.base_geometry()  # validates rrc_scale / rrc_ratio
+        object.__setattr__(self, "rrc_scale", tuple(self.rrc_scale))
+        object.__setattr__(self, "rrc_ratio", tuple(self.rrc_ratio))
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def base_geometry(self) -> GeometrySpec:
+        return GeometrySpec(flip_prob=self.flip_prob, crop_prob=self.rrc_prob, crop_scale=tuple(self.rrc_scale),
+                            crop_ratio=tuple(self.rrc_ratio))
+
+    def tokenadapt_geometry(self) -> GeometrySpec:
+        return GeometrySpec(flip_prob=self.tokenadapt_flip_prob, affine_prob=self.tokenadapt_affine_prob,
+                            crop_prob=self.rrc_prob, crop_scale=tuple(self.rrc_scale), crop_ratio=tuple(self.rrc_ratio))
+
+
+class TokenAugment(nn.Module):
+    """``aug(ids [B, h, w], labels [B] | None, generator) -> (ids [B, h', w'], targets)``.
+
+    targets: soft targets [B, num_classes] (smoothing and mixing applied) when labels are given and
+    mixing is on; else ``labels`` unchanged. Move it to the training device with ``.to(device)``;
+    draws come from ``generator`` (on any device), so the same generator state gives the same output.
+    """
+
+    def __init__(self, cfg: AugmentConfig, codebook: torch.Tensor, tokenadapt: nn.Module | None = None):
+        super().__init__()
+        if cfg.tokenadapt and tokenadapt is None:
+            raise ValueError("augment.tokenadapt is on but no TokenAdapt model was given; build the pipeline with "
+                             "build_token_augment(cfg, codebook, tokenizer_fingerprint), which loads it")
+        self.cfg = cfg
+        self.register_buffer("codebook", codebook.detach().float().clone())
+        need_synonyms = cfg.eda_replace_prob > 0
+        self.register_buffer("synonyms", ops.synonym_table(codebook, cfg.eda_synonyms) if need_synonyms
+                             else torch.zeros(0, cfg.eda_synonyms, dtype=torch.long))
+        self.tokenadapt = None
+        if cfg.tokenadapt:
+            check_compatible(tokenadapt, codebook)
+            self.tokenadapt = tokenadapt.eval().requires_grad_(False)
+        self.base_geometry = cfg.base_geometry()
+        self.tokenadapt_geometry = cfg.tokenadapt_geometry()
+
+    def train(self, mode: bool = True):  # TokenAdapt stays frozen in eval mode
+        super().train(mode)
+        if self.tokenadapt is not None:
+            self.tokenadapt.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None,
+                generator: torch.Generator | None = None):
+        cfg, dev = self.cfg, ids.device
+        if generator is None:
+            raise ValueError("TokenAugment needs an explicit torch.Generator (seeded from seed, epoch, rank)")
+        b, h, w = ids.shape
+        out_hw = (cfg.out_size, cfg.out_size) if cfg.out_size else (h, w)
+        if out_hw[0] > h or out_hw[1] > w:
+            raise ValueError(f"augment.out_size {cfg.out_size} is larger than the {h}x{w} token grid")
+        # per-iteration decisions, drawn once (one host sync): colour, mixing kind, Beta seeds
+        u = torch.rand(4, generator=generator, device=generator.device, dtype=torch.float64).tolist()
+        ids = ids.long()
+
+        if cfg.eda_replace_prob > 0 or cfg.eda_swap_prob > 0:
+            r = ops.rand(b, generator, dev)
+            replace = r < cfg.eda_replace_prob
+            swap = (r >= cfg.eda_replace_prob) & (r < cfg.eda_replace_prob + cfg.eda_swap_prob)
+            if cfg.eda_replace_prob > 0:
+                ids = ops.eda_replace(ids, self.synonyms, replace, cfg.eda_replace_token_prob, generator)
+            if cfg.eda_swap_prob > 0:
+                ids = ops.eda_swap(ids, swap, cfg.eda_swap_scale, generator)
+
+        emb = ops.embed(ids, self.codebook)
+        coloured = False
+        if u[0] < cfg.noise_prob:
+            emb = ops.emb_noise(emb, cfg.noise_fraction, cfg.noise_offset_std, cfg.noise_std, generator)
+            coloured = True
+        elif u[0] < cfg.noise_prob + cfg.coloradapt_prob:
+            emb = ops.color_adapt(emb, cfg.coloradapt_fraction, generator)
+            coloured = True
+
+        n_ta = b // 2 if self.tokenadapt is not None else 0
+        n_base = b - n_ta
+        mix = cfg.mixing and labels is not None
+        parts, targets = [], []
+        seeds = [int(v * 2**62) for v in u[2:4]]
+
+        # base path: geometry on the embedding map, requantize, CutMix on ids
+        theta = self.base_geometry.sample(n_base, generator, aspect=w / h)
+        if self.base_geometry.is_identity and out_hw == (h, w):
+            base = ops.requantize(emb[:n_base], self.codebook) if coloured else ids[:n_base]
+        else:  # (no crop but out_size < grid: the whole grid resized, bicubic)
+            base = ops.requantize(warp(emb[:n_base], theta, out_hw), self.codebook)
+        if mix:
+            lam = 1.0
+            if cfg.cutmix_alpha > 0:
+                lam = float(np.random.default_rng(seeds[0]).beta(cfg.cutmix_alpha, cfg.cutmix_alpha))
+                box = ops.cutmix_box(out_hw[0], out_hw[1], lam, generator)
+                base, lam = ops.cutmix(base, box), box[4]
+            targets.append(ops.soft_targets(labels[:n_base], cfg.num_classes, cfg.label_smoothing, lam))
+        parts.append(base)
+
+        # TokenAdapt path: f, the view in f-space, Mixup/CutMix in f-space, g, argmax
+        if n_ta:
+            theta = self.tokenadapt_geometry.sample(n_ta, generator, aspect=w / h)
+            lam, mix_fn = 1.0, None
+            if mix:
+                use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha == 0 or u[1] < cfg.mix_switch_prob)
+                alpha = cfg.cutmix_alpha if use_cutmix else cfg.mixup_alpha
+                lam = float(np.random.default_rng(seeds[1]).beta(alpha, alpha))
+                if use_cutmix:
+                    fh, fw = self.tokenadapt.feature_size(out_hw)
+                    box = ops.cutmix_box(fh, fw, lam, generator)
+                    lam = box[4]
+                    mix_fn = lambda x: ops.cutmix(x, box)  # noqa: E731
+                else:
+                    mix_fn = lambda x: ops.mixup(x, lam)  # noqa: E731
+                targets.append(ops.soft_targets(labels[n_base:], cfg.num_classes, cfg.label_smoothing, lam))
+            logits = tokenadapt_logits(self.tokenadapt, emb[n_base:], theta, out_hw, mix=mix_fn)
+            parts.append(logits.argmax(1))
+
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return out, (torch.cat(targets) if mix else labels)
+
+
+def build_token_augment(cfg: AugmentConfig, codebook: torch.Tensor, tokenizer_fingerprint: str | None = None
+                        ) -> TokenAugment:
+    """The pipeline of ``cfg``, loading TokenAdapt (``cfg.tokenadapt_path``, "" = shipped) when it is on;
+    weights trained for another tokenizer than ``tokenizer_fingerprint`` are refused."""
+    tokenadapt = None
+    if cfg.tokenadapt:
+        tokenadapt, _ = load_tokenadapt(cfg.tokenadapt_path, tokenizer_fingerprint)
+    return TokenAugment(cfg, codebook, tokenadapt)

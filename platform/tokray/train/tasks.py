@@ -1,0 +1,169 @@
+"""What a training step computes, per task: MTM pre-training or supervised classification.
+
+A task builds its model from the config and the dataset summary, makes the optimizer's parameter
+groups, turns a batch into a loss, and (classification) measures top-1 on a validation stream.
+The training loop (tokray.train.loop) is the same for both.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+import models
+from tokray.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+_NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "decoder_pos")
+
+
+def plain_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms, biases and position/cls/mask tokens (1-d or named)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(_NO_DECAY_NAMES) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def model_grid(cfg: TrainConfig, data: dict) -> tuple[int, int]:
+    """The grid the model sees: the dataset's, or the augmentation's output crop (SeiT: 32x32 -> 28x28)."""
+    out = cfg.augment.get("out_size", 0)
+    return (out, out) if out else tuple(data["grid"])
+
+
+def eval_view(cfg: TrainConfig, ids: torch.Tensor) -> torch.Tensor:
+    """What evaluation feeds the model: the central crop of the training view's size."""
+    from tokray.augment.geometry import center_crop_ids
+
+    return center_crop_ids(ids, cfg.augment.get("out_size", 0))
+
+
+class _Task:
+    """Shared by both tasks: the model from the config, and the token augmentation (if any) on the device."""
+
+    def __init__(self, cfg: TrainConfig, data: dict, codebook: torch.Tensor | None = None, augment: bool = True):
+        self.cfg, self.data, self.codebook = cfg, data, codebook
+        self.num_classes = len(data["class_names"])
+        self.augment = None
+        if cfg.augment and augment:
+            from tokray.augment.pipeline import AugmentConfig, build_token_augment
+
+            if codebook is None:
+                raise ValueError(f"recipe {cfg.recipe!r} augments tokens and needs the tokenizer's codebook")
+            aug = AugmentConfig(**{**cfg.augment, "num_classes": self.num_classes})
+            self.augment = build_token_augment(aug, codebook, data["tokenizer"])
+
+    def _create(self, **extra) -> torch.nn.Module:
+        model = models.create_model(self.cfg.model, grid=model_grid(self.cfg, self.data),
+                                    vocab_size=self.data["codebook_size"], **extra, **self.cfg.model_args)
+        if self.cfg.codebook_stem:  # SeiT feeds the frozen codebook vectors (a checkpoint carries them too)
+            embed = model.patch_embed.embed if hasattr(model, "patch_embed") else model.encoder.patch_embed.embed
+            if self.codebook is not None:
+                if tuple(self.codebook.shape) != tuple(embed.weight.shape):
+                    raise ValueError(f"codebook_stem: the codebook {tuple(self.codebook.shape)} must match the token "
+                                     f"embedding {tuple(embed.weight.shape)} (set model_args token_dim to its width)")
+                with torch.no_grad():
+                    embed.weight.copy_(self.codebook)
+            embed.weight.requires_grad_(False)
+        return model
+
+    def to(self, device) -> "_Task":
+        if self.augment is not None:
+            self.augment.to(device)
+        return self
+
+    def augmented(self, ids, labels, generator):
+        return self.augment(ids, labels, generator) if self.augment is not None else (ids, labels)
+
+
+class MTMTask(_Task):
+    name = "mtm"
+
+    def build(self) -> torch.nn.Module:
+        return self._create()
+
+    def param_groups(self, model) -> list[dict]:
+        return plain_param_groups(model, self.cfg.weight_decay)
+
+    def loss(self, model, batch: dict, device, generator) -> tuple[torch.Tensor, dict]:
+        ids, _ = self.augmented(batch["ids"].to(device, non_blocking=True), None, generator)
+        out = model(ids, generator=generator)  # uint16 -> int64 inside
+        return out["loss"], {"mask_ratio": float(out["mask_ratio"])}
+
+
+class ClassifyTask(_Task):
+    """Supervised top-1 on token ids: CutMix pastes token boxes; Mixup mixes one-hot code distributions
+    (timm), unless the token augmentation mixes (SeiT/SeiT++ recipes)."""
+
+    name = "classify"
+
+    def __init__(self, cfg: TrainConfig, data: dict, codebook: torch.Tensor | None = None, augment: bool = True):
+        super().__init__(cfg, data, codebook, augment)
+        self.mixer = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            from timm.data import Mixup
+
+            self.mixer = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mix_switch_prob,
+                               label_smoothing=cfg.label_smoothing, num_classes=self.num_classes)
+
+    def build(self) -> torch.nn.Module:
+        if self.num_classes < 2:
+            raise ValueError(f"classification needs a dataset with class names; this one has {self.num_classes}")
+        return self._create(num_classes=self.num_classes)
+
+    def param_groups(self, model) -> list[dict]:
+        if self.cfg.layer_decay >= 1:
+            return plain_param_groups(model, self.cfg.weight_decay)
+        from timm.optim import param_groups_layer_decay
+
+        # timm's ViT group_matcher: the token embedding + stem are layer 0, block i is layer i + 1
+        return param_groups_layer_decay(model, self.cfg.weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                        layer_decay=self.cfg.layer_decay)
+
+    def loss(self, model, batch: dict, device, generator) -> tuple[torch.Tensor, dict]:
+        ids = batch["ids"].to(device, non_blocking=True).long()
+        labels = batch["label"].to(device, non_blocking=True)
+        ids, target = self.augmented(ids, labels, generator)
+        if target.ndim == 2:  # the augmentation mixed: soft targets, smoothing included
+            return _soft_cross_entropy(model(ids), target), {}
+        if self.mixer is None:
+            return F.cross_entropy(model(ids), labels, label_smoothing=self.cfg.label_smoothing), {}
+        x = F.one_hot(ids, self.data["codebook_size"]).permute(0, 3, 1, 2).float() if self.cfg.mixup > 0 else ids[:, None]
+        x, target = self.mixer(x, labels)
+        return _soft_cross_entropy(model(x if self.cfg.mixup > 0 else x[:, 0]), target), {}
+
+
+def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def make_task(cfg: TrainConfig, data: dict, codebook: torch.Tensor | None = None):
+    return {"mtm": MTMTask, "classify": ClassifyTask}[cfg.task](cfg, data, codebook)
+
+
+@torch.no_grad()
+def top1(model: torch.nn.Module, batches, device, rank: int = 0, world: int = 1, view=None) -> tuple[int, int]:
+    """(correct, seen) over every batch (rank r takes batches r, r + world, ...), summed over ranks;
+    ``view`` maps a batch's ids to what the model takes (e.g. the central crop)."""
+    was_training = model.training
+    model.eval()
+    correct = seen = 0
+    for i, batch in enumerate(batches):
+        if i % world != rank:
+            continue
+        ids = batch["ids"].to(device, non_blocking=True)
+        logits = model(view(ids) if view is not None else ids)
+        correct += int((logits.argmax(-1).cpu() == batch["label"]).sum())
+        seen += len(batch["label"])
+    model.train(was_training)
+    if world > 1:
+        import torch.distributed as dist
+
+        t = torch.tensor([correct, seen], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        correct, seen = int(t[0]), int(t[1])
+    return correct, seen

@@ -1,0 +1,265 @@
+"""Train TokenAdapt (f, g) from pixels and a tokenizer, and measure token agreement.
+
+For an image x with tokens z = tokenizer(x), draw one geometric view A in normalized coordinates
+(flip, affine group, random-resized crop; ``GeometrySpec``) and apply it to x (32x32 output) and
+to f(z) (16x16 output for an 8x8 grid); the target is tokenizer(A(x)) and the loss is
+CE(g(A(f(z))), target). SeiT++ publishes no training code for f and g: this procedure is our
+reconstruction (method digest section 5.3).
+
+Token agreement answers the paper's Figure 3 question with numbers: for a view A, the share of
+positions where the augmented tokens equal tokenizer(A(x)), for (a) naive augmentation of the
+embedding grid + cosine requantization and (b) TokenAdapt; plus the PSNR of the decoded tokens
+against A(x), and of tokenizer(A(x)) itself (the ceiling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import models
+from tokray.augment.geometry import GeometrySpec, warp
+from tokray.augment.ops import embed, requantize
+from tokray.augment.tokenadapt import load_tokenadapt, save_tokenadapt, tokenadapt_logits
+from tokray.data.images import ImageSource, decode_many, validation_split
+from tokray.train.tokenizer import load_tokenizer, to_unit
+
+log = logging.getLogger(__name__)
+
+# the views the agreement is reported for (fixed: every number in a table means the same thing)
+EVAL_VIEWS = {
+    "identity": GeometrySpec(),
+    "flip": GeometrySpec(flip_prob=1.0),
+    "crop": GeometrySpec(crop_prob=1.0, crop_scale=(0.08, 1.0)),
+    "affine": GeometrySpec(affine_prob=1.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenAdaptConfig:
+    images: str
+    out_dir: str
+    tokenizer: str = ""  # "" = the embedded CIFAR-10 tokenizer
+    model: str = "tokenadapt_cifar"
+    model_args: dict = dataclasses.field(default_factory=dict, hash=False)
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    warmup: int = 100
+    weight_decay: float = 0.05
+    # the training view A: flip, then the affine group, then a random-resized crop
+    flip_prob: float = 0.5
+    affine_prob: float = 0.5
+    crop_prob: float = 0.5
+    crop_scale: tuple = (0.08, 1.0)
+    crop_ratio: tuple = (3 / 4, 4 / 3)
+    val_per_class: int = 500
+    split_seed: int = 0
+    seed: int = 0
+    eval_every: int = 500
+    eval_images: int = 1000  # validation images for the periodic agreement (the final one uses all)
+    ckpt_every: int = 100
+    max_images: int = 0  # 0 = all training images
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_every", "ckpt_every", "eval_images"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        self.geometry()
+
+    def geometry(self) -> GeometrySpec:
+        return GeometrySpec(flip_prob=self.flip_prob, affine_prob=self.affine_prob, crop_prob=self.crop_prob,
+                            crop_scale=tuple(self.crop_scale), crop_ratio=tuple(self.crop_ratio))
+
+
+def lr_at(step: int, cfg: TokenAdaptConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _mse255(recon: torch.Tensor, target: torch.Tensor) -> float:
+    """Summed squared error on the [0, 255] scale (recon quantized like a saved image), per pixel value."""
+    r = ((recon.clamp(-1, 1) + 1) * 127.5).round()
+    t = ((target.clamp(-1, 1) + 1) * 127.5).round()
+    return float(((r - t) ** 2).sum())
+
+
+def _psnr(sq_err: float, count: int) -> float:
+    return 10 * math.log10(255.0**2 / max(sq_err / max(1, count), 1e-10))
+
+
+@torch.no_grad()
+def agreement(tokenizer, tokenadapt, pixels: np.ndarray, views: dict[str, GeometrySpec] | None = None,
+              seed: int = 0, batch: int = 500, psnr: bool = True) -> dict:
+    """Per view: token agreement with tokenizer(A(x)) of naive grid augmentation + requantization
+    and of TokenAdapt, and (``psnr``) the PSNR of their decoded tokens and of tokenizer(A(x))
+    against A(x). The views are drawn from ``seed``, identically for both methods."""
+    views = EVAL_VIEWS if views is None else views
+    was_training = tokenadapt.training
+    tokenadapt.eval()
+    codebook = tokenizer.quantizer.codebook
+    size = (tokenizer.image_size, tokenizer.image_size)
+    grid = tokenizer.grid
+    out = {}
+    for k, (name, spec) in enumerate(views.items()):
+        gen = torch.Generator().manual_seed(seed * 1000 + k)
+        hits = {"naive": 0, "tokenadapt": 0}
+        err = {"naive": 0.0, "tokenadapt": 0.0, "tokenizer": 0.0}
+        n_tok = n_px = 0
+        for s in range(0, len(pixels), batch):
+            x = to_unit(pixels[s:s + batch])
+            theta = spec.sample(len(x), gen)
+            xa = warp(x, theta, size).clamp(-1, 1)
+            target = tokenizer.encode(xa)
+            emb = embed(tokenizer.encode(x), codebook)
+            ids = {"naive": requantize(warp(emb, theta, grid), codebook),
+                   "tokenadapt": tokenadapt_logits(tokenadapt, emb, theta, grid).argmax(1)}
+            for m, v in ids.items():
+                hits[m] += int((v == target).sum())
+                if psnr:
+                    err[m] += _mse255(tokenizer.decode(v), xa)
+            if psnr:
+                err["tokenizer"] += _mse255(tokenizer.decode(target), xa)
+            n_tok += target.numel()
+            n_px += xa.numel()
+        row = {m: hits[m] / max(1, n_tok) for m in hits}
+        if psnr:
+            row.update({f"{m}_psnr_db": _psnr(e, n_px) for m, e in err.items()})
+        out[name] = row
+    tokenadapt.train(was_training)
+    return out
+
+
+def load_pixels(cfg: TokenAdaptConfig, size: int):
+    """Decoded train and validation pixels (uint8) of the source, split by the fixed seed."""
+    src = ImageSource(cfg.images)
+    val = validation_split(src.labels, cfg.val_per_class, cfg.split_seed)
+    train_idx, val_idx = np.flatnonzero(~val), np.flatnonzero(val)
+    if cfg.max_images:
+        train_idx = train_idx[: cfg.max_images]
+        val_idx = val_idx[: max(8, cfg.max_images // 8)]
+    t0 = time.time()
+    train_px, _, bad_t = decode_many(src, train_idx, size)
+    val_px, _, bad_v = decode_many(src, val_idx, size)
+    log.info("decoded %d train + %d validation images in %.1fs (%d skipped)", len(train_px), len(val_px),
+             time.time() - t0, len(bad_t) + len(bad_v))
+    return train_px, val_px
+
+
+def _encode_all(tokenizer, pixels: np.ndarray, batch: int = 1000) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([tokenizer.encode(to_unit(pixels[s:s + batch])) for s in range(0, len(pixels), batch)])
+
+
+def _table(res: dict) -> str:
+    return ", ".join(f"{k} {v['naive']:.3f}->{v['tokenadapt']:.3f}" for k, v in res.items())
+
+
+def train(cfg: TokenAdaptConfig, resume: bool = True, progress: bool = True) -> dict:
+    """Train (resuming from ``<out>/last.pt``), save ``<out>/tokenadapt.safetensors``, report agreement."""
+    from tqdm import tqdm
+
+    if not cfg.tokenizer:
+        from tokray.assets import default_tokenizer
+        cfg = dataclasses.replace(cfg, tokenizer=default_tokenizer())
+    tokenizer, tok_info = load_tokenizer(cfg.tokenizer)
+    tokenizer.requires_grad_(False)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    codebook = tokenizer.quantizer.codebook
+    model_args = {"vocab_size": int(codebook.shape[0]), "token_dim": int(codebook.shape[1]),
+                  "grid": tuple(tokenizer.grid), "out_grid": tuple(tokenizer.grid), **cfg.model_args}
+    model = models.create_model(cfg.model, **model_args)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+    ckpt_path = os.path.join(cfg.out_dir, "last.pt")
+    step, curve, seconds = 0, [], 0.0
+    if resume and os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["tokenizer"] != tok_info["fingerprint"]:
+            raise ValueError(f"checkpoint {ckpt_path} was trained with tokenizer {state['tokenizer']}, this run uses "
+                             f"{tok_info['fingerprint']}; use another --out or --no-resume")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, curve, seconds = int(state["step"]), json.loads(state["curve"]), float(state["seconds"])
+        log.info("resumed from %s at step %d", ckpt_path, step)
+    size = tokenizer.image_size
+    train_px, val_px = load_pixels(cfg, size)
+    t0 = time.time()
+    source_ids = _encode_all(tokenizer, train_px)
+    log.info("tokenized %d training images in %.1fs", len(train_px), time.time() - t0)
+    data = torch.from_numpy(train_px)
+    eval_px = val_px[np.linspace(0, len(val_px) - 1, min(cfg.eval_images, len(val_px))).astype(int)]
+    geometry = cfg.geometry()
+    gen = torch.Generator().manual_seed(cfg.seed * 100003 + step)
+    model.train()
+    t_start, seen = time.time(), 0
+    bar = tqdm(total=cfg.steps, initial=step, desc="tokenadapt", unit="step", disable=not progress)
+    while step < cfg.steps:
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+        x = to_unit(data[idx])
+        theta = geometry.sample(len(x), gen)
+        with torch.no_grad():
+            target = tokenizer.encode(warp(x, theta, (size, size)).clamp(-1, 1))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        logits = tokenadapt_logits(model, embed(source_ids[idx], codebook), theta, tokenizer.grid)
+        loss = F.cross_entropy(logits, target)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite TokenAdapt loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        seen += len(x)
+        elapsed = time.time() - t_start
+        bar.update(1)
+        acc = (logits.argmax(1) == target).float().mean().item()
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", lr=f"{lr_at(step - 1, cfg):.2e}",
+                        img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            res = agreement(tokenizer, model, eval_px, psnr=False)
+            curve.append({"step": step, "seconds": round(seconds + elapsed, 1), "loss": round(loss.item(), 4),
+                          **{f"{k}_{m}": v[m] for k, v in res.items() for m in ("naive", "tokenadapt")}})
+            log.info("step %d: loss %.3f; agreement naive->TokenAdapt on %d held-out images: %s; %.0f img/s",
+                     step, loss.item(), len(eval_px), _table(res), seen / max(elapsed, 1e-9))
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            tmp = ckpt_path + ".tmp"
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "curve": json.dumps(curve),
+                        "seconds": seconds + time.time() - t_start, "tokenizer": tok_info["fingerprint"]}, tmp)
+            os.replace(tmp, ckpt_path)
+    bar.close()
+    total_seconds = seconds + time.time() - t_start
+    model.eval()
+    with torch.no_grad():  # measure exactly what the file will hold: float16 weights
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    final = agreement(tokenizer, model, val_px)
+    log.info("final agreement naive->TokenAdapt on %d held-out images: %s", len(val_px), _table(final))
+    path = os.path.join(cfg.out_dir, "tokenadapt.safetensors")
+    extra = {"images": os.path.basename(cfg.images.rstrip("/")), "steps": cfg.steps, "batch_size": cfg.batch_size,
+             "train_seconds": round(total_seconds, 1), "geometry": dataclasses.asdict(geometry),
+             "agreement": final, "val_images": int(len(val_px)), "curve": curve}
+    fp = save_tokenadapt(model, cfg.model, {k: list(v) if isinstance(v, tuple) else v for k, v in model_args.items()},
+                         path, tok_info["fingerprint"], extra)
+    load_tokenadapt(path, tok_info["fingerprint"])  # the file reads back and verifies
+    return {"path": path, "fingerprint": fp, "tokenizer": tok_info["fingerprint"], "steps": step,
+            "train_seconds": total_seconds, "val_images": int(len(val_px)), "bytes": os.path.getsize(path),
+            "parameters": sum(p.numel() for p in model.parameters()), "agreement": final, "curve": curve}

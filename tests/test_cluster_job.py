@@ -1,0 +1,113 @@
+"""The README's cluster path, for real: `ray start --head` on loopback with token auth
+(RAY_AUTH_MODE=token, as Ray 2.60 clusters run), then `ray job submit` of the smoke pre-training,
+fine-tuning from its checkpoint, and evaluation. The cluster lives in its own temp dir and process
+group, so it neither joins nor stops any other Ray instance of the test session."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")  # the token lives in ~/.ray/auth_token: keep the user's untouched
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    dash = _free_port()
+    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # `python` in entrypoints
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    log = open(tmp_path_factory.mktemp("head") / "ray_start.log", "w")
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={_free_port()}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_for(address, head, timeout=120)
+        yield {"address": address, "env": env}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # the rest of the group: GCS, raylet, workers, job drivers
+        except ProcessLookupError:
+            pass
+        head.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for(address, head, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start --head exited with {head.returncode}")
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:  # 401 without a token: the server is up
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"the Ray dashboard at {address} did not come up in {timeout}s")
+
+
+def _submit(ray_head, *entrypoint, env=None, timeout=600):
+    cmd = [RAY, "job", "submit", "--address", ray_head["address"], "--runtime-env", "infra/runtime_env.yaml",
+           "--", "python", *entrypoint]
+    return subprocess.run(cmd, cwd=ROOT, env=env or ray_head["env"], capture_output=True, text=True, timeout=timeout)
+
+
+def _succeeded(res) -> bool:
+    return res.returncode == 0 and "succeeded" in (res.stdout + res.stderr).lower()
+
+
+def _last_json(text: str) -> dict:
+    return json.loads(next(ln for ln in reversed(text.splitlines()) if ln.startswith("{")))
+
+
+def test_job_submit_pretrain_finetune_evaluate(ray_head, tmp_path):
+    pre = _submit(ray_head, "jobs/pretrain.py", "--smoke-test", "--out", str(tmp_path / "mtm"))
+    assert _succeeded(pre), pre.stdout[-3000:] + pre.stderr[-2000:]
+    assert list((tmp_path / "mtm" / "ray").glob("*/checkpoint_*/state.pt")), "the job left no checkpoint"
+    assert _last_json(pre.stdout)["step"] == 6
+
+    ft = _submit(ray_head, "jobs/finetune.py", "--smoke-test", "--init", str(tmp_path / "mtm"),
+                 "--out", str(tmp_path / "ft"))
+    assert _succeeded(ft), ft.stdout[-3000:] + ft.stderr[-2000:]
+    assert _last_json(ft.stdout)["val_samples"] == 5000
+
+    ev = _submit(ray_head, "jobs/evaluate.py", "--smoke-test", "--checkpoint", str(tmp_path / "ft"))
+    assert _succeeded(ev), ev.stdout[-3000:] + ev.stderr[-2000:]
+    assert _last_json(ev.stdout)["samples"] == 512
+
+
+def test_a_client_without_token_mode_is_refused(ray_head):
+    env = {k: v for k, v in ray_head["env"].items() if k != "RAY_AUTH_MODE"}
+    out = subprocess.run([RAY, "job", "list", "--address", ray_head["address"]], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0, out.stdout[-2000:]
