@@ -27,4 +27,4 @@ def create_model(name: str, **overrides) -> nn.Module:
 
 
 def _import_all() -> None:
-    from models import mtm, token_vit, tokenadapt, tokenizer  # noqa: F401  (register their variants)
+    from models import mtm, pixel_vit, token_vit, tokenadapt, tokenizer  # noqa: F401  (register their variants)

@@ -38,19 +38,19 @@ def codebook(tokenizer):
 
 def test_coloradapt_matches_partner_statistics_where_applied_and_nothing_else():
     torch.manual_seed(0)
-    emb = torch.randn(9, 32, 8, 8) * torch.rand(9, 32, 1, 1) * 3 + torch.randn(9, 32, 1, 1)
+    emb = torch.randn(8, 32, 8, 8) * (0.2 + torch.rand(8, 32, 1, 1) * 3) + torch.randn(8, 32, 1, 1)
     out = ops.color_adapt(emb, 0.5, gen(3))
-    applied = [i for i in range(9) if not torch.equal(out[i], emb[i])]
-    kept = [i for i in range(9) if torch.equal(out[i], emb[i])]
+    applied = [i for i in range(8) if not torch.equal(out[i], emb[i])]
+    kept = [i for i in range(8) if torch.equal(out[i], emb[i])]
     assert applied and kept, "seed 3 must apply ColorAdapt to some samples and not to others"
     for i in applied:
-        partner = emb[8 - i]  # the mirrored batch index
+        partner = emb[7 - i]  # the mirrored batch index
         torch.testing.assert_close(out[i].mean((1, 2)), partner.mean((1, 2)), atol=1e-4, rtol=0)
         torch.testing.assert_close(out[i].std((1, 2), unbiased=False), partner.std((1, 2), unbiased=False),
                                    atol=1e-3, rtol=1e-3)
         assert not torch.allclose(out[i].mean((1, 2)), emb[i].mean((1, 2)), atol=1e-2)
     # the choice is the seeded per-sample draw: same generator state, same samples
-    assert applied == torch.nonzero(ops.choose(9, 0.5, gen(3), "cpu")).flatten().tolist()
+    assert applied == torch.nonzero(ops.choose(8, 0.5, gen(3), "cpu")).flatten().tolist()
 
 
 def test_coloradapt_is_numerically_safe():
@@ -180,12 +180,14 @@ def test_one_view_is_the_same_at_every_resolution():
         return torch.stack([xx, yy, xx * 0.5 + yy])[None].repeat(4, 1, 1, 1)
 
     theta = GeometrySpec(flip_prob=0.5, affine_prob=1.0, crop_prob=1.0, crop_scale=(0.3, 1)).sample(4, gen(5))
-    small = warp(ramp(8), theta, (8, 8), padding_mode="zeros")
-    big = warp(ramp(32), theta, (32, 32), padding_mode="zeros")
+    # bilinear reproduces a linear function exactly (PyTorch's bicubic, a = -0.75, only nearly)
+    small = warp(ramp(8), theta, (8, 8), mode="bilinear")
+    big = warp(ramp(32), theta, (32, 32), mode="bilinear")
     pooled = F.avg_pool2d(big, 4)
-    inside = (small.abs().amax(1) < 0.7)  # away from borders and padding
+    inside = small[:, :2].abs().amax(1) < 0.6  # sampled away from the borders
+    assert int(inside.sum()) > 20
     torch.testing.assert_close(pooled.permute(0, 2, 3, 1)[inside], small.permute(0, 2, 3, 1)[inside],
-                               atol=0.05, rtol=0)
+                               atol=1e-4, rtol=0)
 
 
 def test_geometry_draws_per_sample_and_validates():

@@ -1,12 +1,12 @@
-"""Multi-node on one machine: a real 2-node Ray cluster on loopback (`ray start --head` plus a second
-raylet from `ray start --address`, 1 CPU each, token auth), smoke pre-training with one Ray Train
-worker per node on the streaming split.
+"""Multi-node on one machine: a real 2-node Ray cluster (`ray start --head` plus a second raylet from
+`ray start --address`, 1 CPU each, token auth), smoke pre-training with one Ray Train worker per
+node on the streaming split.
 
 (a) one epoch, traced: per step the two ranks' sample ids are disjoint and equal in size, and over
     the epoch every sample id is seen exactly once.
-(b) the non-head node is SIGKILLed after a checkpoint; a replacement node joins (what an autoscaler
-    does) and Ray Train restarts the worker group from the last checkpoint: the step count continues
-    from it and the run finishes.
+(b) the non-head node is SIGKILLed once the run has a checkpoint; a replacement node joins (what an
+    autoscaler does) and Ray Train restarts the worker group from the last checkpoint: the step
+    count continues from it and the run finishes.
 
 Every node lives in its own temp dir and process group, so nothing here joins or stops another Ray
 instance of this machine (never `ray stop`)."""
@@ -22,10 +22,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import write_synth
@@ -34,9 +36,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-SAMPLES = 640  # 20 steps of the smoke recipe's global batch of 32: one epoch, no remainder
-BATCH = 32
+SAMPLES, BATCH = 640, 32  # the smoke recipe's global batch: one epoch = 20 steps, no remainder
 PER_EPOCH = SAMPLES // BATCH
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+TRACE = re.compile(r"rank(\d+)-from(\d+)-([0-9a-f]{8})\.jsonl")
 
 
 def _free_port() -> int:
@@ -45,19 +48,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _kill_group(proc: subprocess.Popen, grace: float = 10) -> None:
-    """SIGTERM, then SIGKILL, the process group `proc` leads (raylet, agents, workers)."""
+def _tree(pid: int) -> list[psutil.Process]:
+    """A process and its descendants: a node's GCS, raylet, agents and Ray workers (which the raylet
+    puts in process groups of their own, so killing the node's group alone would leave them)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM the process group `proc` leads, then SIGKILL what is left of it and of its descendants."""
+    members = _tree(proc.pid)
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=grace)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
+    _sigkill(proc, members)
+
+
+def _sigkill(proc: subprocess.Popen, members: list[psutil.Process]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for p in members:
+        try:
+            p.kill()  # psutil checks the pid still names the same process
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
+
+
+def _alive(members: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in members:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _wait_for_line(path: Path, proc: subprocess.Popen, text: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if text in path.read_text():
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    raise TimeoutError(f"{proc.args} did not print {text!r} in {timeout}s:\n{path.read_text()[-3000:]}")
 
 
 class Cluster:
@@ -68,75 +113,109 @@ class Cluster:
         self.temp_dir = tempfile.mkdtemp(prefix="rm", dir="/tmp")  # short: socket paths must fit 107 bytes
         home = root / "home"  # the token lives in ~/.ray/auth_token: keep the user's untouched
         home.mkdir()
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"127.0.0.1:{_free_port()}"
         self.env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_ADDRESS": self.address,  # the job, and Ray's own clients in workers, reach this cluster only
                     "TOKRAY_CACHE_DIR": str(root / "cache"),
-                    # a SIGKILLed node is declared dead in seconds rather than the default ~30 s
-                    "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-                    "RAY_health_check_failure_threshold": "3",
+                    "RAY_health_check_period_ms": "1000",  # a dead raylet is noticed in ~5 s rather than ~15
+                    "RAY_raylet_start_wait_time_s": "180",  # a loaded CI machine may take over a minute to start one
+                    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",  # likewise for the Train workers (default 60)
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-        self.env.pop("RAY_ADDRESS", None)
-        self.nodes: list[subprocess.Popen] = []
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.node_ids: dict[str, str] = {}
         self._logs = []
         subprocess.run([RAY, "get-auth-token", "--generate"], env=self.env, check=True, capture_output=True,
                        timeout=60)
 
-    def _start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "w")
+    def start(self, name: str, *args: str, cpus: int = 1) -> subprocess.Popen:
+        """Start a node and wait until `ray start` reports it running (registered with the GCS)."""
+        path = self.root / f"{name}.log"
+        log = open(path, "w")
         self._logs.append(log)
-        proc = subprocess.Popen([RAY, "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+        proc = subprocess.Popen([RAY, "start", "--block", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
                                  "--disable-usage-stats", *args],
                                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.nodes.append(proc)
+        self.nodes[name] = proc
+        _wait_for_line(path, proc, "Ray runtime started", timeout=240)
+        ids = [a.split("=", 1)[1] for p in _tree(proc.pid) if p.name() == "raylet"
+               for a in p.cmdline() if a.startswith("--node_id=")]
+        assert len(ids) == 1, f"node {name}: raylet node ids {ids}"
+        self.node_ids[name] = ids[0][:8]  # as trace file names carry them
         return proc
 
-    def start_head(self) -> subprocess.Popen:
-        head = self._start("head", "--head", f"--port={self.port}", "--include-dashboard=false",
-                           f"--temp-dir={self.temp_dir}")
-        self.wait_nodes(1)
-        return head
+    def start_head(self) -> None:
+        self.start("head", "--head", f"--port={self.address.split(':')[1]}", "--include-dashboard=false",
+                   f"--temp-dir={self.temp_dir}")
 
-    def add_worker(self, name: str) -> subprocess.Popen:
-        count = len(self.alive_nodes())
-        proc = self._start(name, f"--address={self.address}")
-        self.wait_nodes(count + 1)
-        return proc
+    def add_worker(self, name: str, cpus: int = 1) -> subprocess.Popen:
+        return self.start(name, f"--address={self.address}", cpus=cpus)
 
-    def alive_nodes(self) -> list[str]:
-        """Node ids of the live nodes, from `ray list nodes`-free `ray status` (GCS only)."""
-        code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False);"
-                "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % self.address)
-        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
-        if out.returncode:
-            return []
-        return json.loads(out.stdout.strip().splitlines()[-1])
+    def kill(self, name: str) -> None:
+        """The node dies at once, as a machine would: SIGKILL to ray start, GCS/raylet, agents, Ray workers."""
+        proc = self.nodes[name]
+        members = _tree(proc.pid)
+        _sigkill(proc, members)
+        deadline = time.time() + 10
+        while (left := _alive(members)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not left, f"processes of node {name} survived SIGKILL: {left}"
 
-    def wait_nodes(self, n: int, timeout: float = 120) -> list[str]:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            for p in self.nodes:
-                if p.poll() is not None and p is not getattr(self, "_killed", None):
-                    pass
-            alive = self.alive_nodes()
-            if len(alive) == n:
-                return alive
-            time.sleep(1)
-        raise TimeoutError(f"the cluster did not reach {n} live nodes in {timeout}s: {self.alive_nodes()}")
-
-    def job(self, out: Path, data: str, *flags: str) -> subprocess.Popen:
-        """`python jobs/pretrain.py --smoke-test` as a driver of this cluster (RAY_ADDRESS)."""
-        return subprocess.Popen(
-            [sys.executable, "jobs/pretrain.py", "--smoke-test", "--data", data, "--out", str(out), "--trace-batches",
-             *flags], cwd=ROOT, env={**self.env, "RAY_ADDRESS": self.address}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    def job(self, out: Path, data: str, *flags: str) -> "Job":
+        return Job([sys.executable, "jobs/pretrain.py", "--smoke-test", "--data", data, "--out", str(out),
+                    "--trace-batches", *flags], env=self.env)
 
     def close(self) -> None:
-        for proc in reversed(self.nodes):  # workers first, the head (GCS) last
-            _kill_group(proc)
+        for proc in reversed(list(self.nodes.values())):  # worker nodes first, the head (GCS) last
+            _stop(proc)
         for log in self._logs:
             log.close()
+        try:  # Ray's logs stay with the test's tmp_path, for a failure's post-mortem
+            shutil.copytree(Path(self.temp_dir) / "session_latest" / "logs", self.root / "ray-logs",
+                            ignore_dangling_symlinks=True, dirs_exist_ok=True)
+        except OSError:
+            pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class Job:
+    """`python jobs/pretrain.py` as a driver of the cluster (RAY_ADDRESS); its output read as it comes."""
+
+    def __init__(self, cmd: list[str], env: dict):
+        self.t0 = time.time()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(f"[{time.time() - self.t0:6.1f}s] {ANSI.sub('', line.rstrip())}")
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait(self, timeout: float) -> str:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop(self.proc, grace=5)
+            self._reader.join(10)
+            raise AssertionError(f"the job did not finish in {timeout}s:\n{self.text[-6000:]}") from None
+        self._reader.join(30)
+        return self.text
+
+    def result(self) -> dict:
+        """The job's last JSON line."""
+        for line in reversed(self.lines):
+            body = line.split("] ", 1)[1].strip()
+            if body.startswith("{") and body.endswith("}"):
+                return json.loads(body)
+        raise AssertionError(f"no result line:\n{self.text[-4000:]}")
+
+    def kill(self) -> None:
+        _stop(self.proc, grace=5)
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +224,8 @@ def cluster(tmp_path_factory):
     try:
         t0 = time.time()
         c.start_head()
-        print(f"head up: {time.time() - t0:.1f}s")
         c.add_worker("worker1")
-        print(f"worker up: {time.time() - t0:.1f}s")
+        print(f"\n2-node cluster up in {time.time() - t0:.1f}s")
         yield c
     finally:
         c.close()
@@ -160,59 +238,111 @@ def tokens(tmp_path_factory) -> str:
     return uri
 
 
-def _finish(job: subprocess.Popen, timeout: float) -> str:
-    try:
-        out, _ = job.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(job, grace=5)
-        out, _ = job.communicate()
-        raise AssertionError(f"the job did not finish in {timeout}s:\n{out[-4000:]}")
-    return out
+def _traces(out: Path) -> dict[tuple[int, int, str], list[dict]]:
+    """(rank, from step, node id prefix) -> the file's lines (one per micro-batch)."""
+    found = {}
+    for p in sorted((out / "trace").glob("*.jsonl")):
+        m = TRACE.fullmatch(p.name)
+        assert m, f"unexpected trace file {p.name}"
+        found[int(m[1]), int(m[2]), m[3]] = [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    return found
 
 
-def _last_json(text: str) -> dict:
-    return json.loads(next(ln for ln in reversed(text.splitlines()) if ln.startswith("{") and ln.endswith("}")))
+def _by_step(lines: list[dict]) -> dict[int, dict[int, list[int]]]:
+    """step -> rank -> sample ids; a rank tracing a step twice within one attempt fails."""
+    steps = defaultdict(dict)
+    for ln in lines:
+        assert ln["world"] == 2, ln
+        assert ln["rank"] not in steps[ln["step"]], f"rank {ln['rank']} traced step {ln['step']} twice"
+        steps[ln["step"]][ln["rank"]] = ln["sample_ids"]
+    return dict(steps)
 
 
-def _traces(out: Path) -> dict[str, list[dict]]:
-    """trace file name -> its lines (one per micro-batch)."""
-    return {p.name: [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
-            for p in sorted((out / "trace").glob("rank*.jsonl"))}
-
-
-_NAME = re.compile(r"rank(\d+)-from(\d+)-([0-9a-f]{8})\.jsonl")
-
-
-def test_one_worker_per_node_disjoint_equal_batches_cover_the_epoch(cluster, tokens, tmp_path):
-    out = tmp_path / "run"
-    t0 = time.time()
-    job = cluster.job(out, tokens, "--epochs", "1", "--max-steps", "1000")
-    text = _finish(job, timeout=240)
-    (Path("/tmp/mn_epoch.log")).write_text(text)
-    print(f"epoch run: {time.time() - t0:.1f}s")
-    assert job.returncode == 0, text[-4000:]
-    assert _last_json(text)["step"] == PER_EPOCH, text[-2000:]
-
-    traces = _traces(out)
-    names = {name: _NAME.fullmatch(name).groups() for name in traces}
-    assert sorted(r for r, _, _ in names.values()) == ["0", "1"], names  # one start per rank, no restart
-    assert all(frm == "0" for _, frm, _ in names.values()), names
-    nodes = {node for _, _, node in names.values()}
-    assert len(nodes) == 2, f"both workers ran on one node: {names}"
-    assert nodes <= {n[:8] for n in cluster.alive_nodes()}, (nodes, cluster.alive_nodes())
-
-    by_step = defaultdict(dict)
-    for lines in traces.values():
-        for ln in lines:
-            assert ln["world"] == 2 and ln["epoch"] == 0, ln
-            assert ln["rank"] not in by_step[ln["step"]], f"rank {ln['rank']} traced step {ln['step']} twice"
-            by_step[ln["step"]][ln["rank"]] = ln["sample_ids"]
-    assert sorted(by_step) == list(range(PER_EPOCH))
-    seen = []
-    for step, ranks in sorted(by_step.items()):
-        assert sorted(ranks) == [0, 1], f"step {step}: ranks {sorted(ranks)}"
+def _check_split(steps: dict[int, dict[int, list[int]]]) -> None:
+    for step, ranks in sorted(steps.items()):
+        assert sorted(ranks) == [0, 1], f"step {step}: traced by ranks {sorted(ranks)}"
         a, b = ranks[0], ranks[1]
         assert len(a) == len(b) == BATCH // 2, f"step {step}: batch sizes {len(a)}, {len(b)}"
         assert not set(a) & set(b), f"step {step}: both ranks got samples {sorted(set(a) & set(b))}"
-        seen += a + b
+
+
+@pytest.mark.timeout(900)  # includes starting the cluster
+def test_one_worker_per_node_disjoint_equal_batches_cover_the_epoch(cluster, tokens, tmp_path):
+    out = tmp_path / "run"
+    job = cluster.job(out, tokens, "--epochs", "1", "--max-steps", "1000")
+    text = job.wait(timeout=600)
+    print(f"one-epoch run: {time.time() - job.t0:.1f}s")
+    assert job.proc.returncode == 0, text[-6000:]
+    assert job.result()["step"] == PER_EPOCH, text[-3000:]
+
+    traces = _traces(out)
+    assert sorted((rank, frm) for rank, frm, _ in traces) == [(0, 0), (1, 0)], f"a restart, or a rank missing: {list(traces)}"
+    nodes = {node for _, _, node in traces}
+    assert nodes == {cluster.node_ids["head"], cluster.node_ids["worker1"]}, (list(traces), cluster.node_ids)
+
+    steps = _by_step([ln for lines in traces.values() for ln in lines])
+    assert sorted(steps) == list(range(PER_EPOCH)), sorted(steps)
+    assert {ln["epoch"] for lines in traces.values() for ln in lines} == {0}
+    _check_split(steps)
+    seen = [i for ranks in steps.values() for ids in ranks.values() for i in ids]
     assert sorted(seen) == list(range(SAMPLES)), "the epoch did not cover every sample exactly once"
+
+
+def _registered_step(out: Path) -> int:
+    """The step of the latest checkpoint the Train controller has registered (its snapshot file), else 0."""
+    for p in (out / "ray").glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(p.read_text()).get("latest_checkpoint_result") or {}
+        except ValueError:  # being rewritten
+            continue
+        return int((latest.get("metrics") or {}).get("step", 0))
+    return 0
+
+
+@pytest.mark.timeout(900)
+def test_killing_the_worker_node_restores_from_the_last_checkpoint(cluster, tokens, tmp_path):
+    total = 2 * PER_EPOCH  # long enough that the run is still going when its first checkpoint is registered
+    out = tmp_path / "run"
+    job = cluster.job(out, tokens, "--epochs", "2", "--max-steps", str(total), "--ckpt-every", "3",
+                      "--max-failures", "1")
+    try:
+        deadline = time.time() + 480
+        while (registered := _registered_step(out)) < 3:
+            assert job.proc.poll() is None, f"the job ended before its first checkpoint:\n{job.text[-6000:]}"
+            assert time.time() < deadline, f"no checkpoint registered in 480s:\n{job.text[-6000:]}"
+            time.sleep(0.1)
+        killed_at = time.time() - job.t0
+        cluster.kill("worker1")
+        assert job.proc.poll() is None, f"the run ended before the node was killed:\n{job.text[-4000:]}"
+        # the replacement an autoscaler would start; its second CPU leaves room, beside the restarted workers'
+        # placement group, to re-create data blocks that lived only in the dead node's object store
+        cluster.add_worker("worker2", cpus=2)
+        text = job.wait(timeout=600)
+    finally:
+        job.kill()
+    print(f"killed worker1 {killed_at:.1f}s into the run (checkpoint at step {registered} registered); "
+          f"run: {time.time() - job.t0:.1f}s")
+    assert job.proc.returncode == 0, text[-6000:]
+    assert job.result()["step"] == total, text[-3000:]
+
+    restored = [int(m) for m in re.findall(r"restored from checkpoint at step (\d+)", text)]
+    assert len(restored) == 1, f"expected one restore, got {restored}:\n{text[-6000:]}"
+    k = restored[0]
+    assert k >= registered and k % 3 == 0 and k < total, (k, registered)
+
+    traces = _traces(out)
+    starts = sorted((rank, frm) for rank, frm, _ in traces)
+    assert starts == [(0, 0), (0, k), (1, 0), (1, k)], f"expected each rank to start at 0, then at {k}: {starts}"
+    head, dead, spare = (cluster.node_ids[n] for n in ("head", "worker1", "worker2"))
+    assert {node for _, frm, node in traces if frm == 0} == {head, dead}, (list(traces), cluster.node_ids)
+    assert {node for _, frm, node in traces if frm == k} <= {head, spare}, (list(traces), cluster.node_ids)
+
+    first = _by_step([ln for (_, frm, _), lines in traces.items() if frm == 0 for ln in lines])
+    second = _by_step([ln for (_, frm, _), lines in traces.items() if frm == k for ln in lines])
+    assert min(first) == 0 and max(first) >= k, sorted(first)  # the first attempt had got past the checkpoint
+    assert sorted(second) == list(range(k, total)), f"the restored run did not continue at {k}: {sorted(second)}"
+    _check_split(second)
+    for (rank, frm, _), lines in traces.items():
+        if frm == k:  # each restored rank steps K, K+1, ..., in order, across the epoch boundary
+            assert [ln["step"] for ln in lines] == list(range(k, total)), f"rank {rank}"
+            assert [ln["epoch"] for ln in lines] == [s // PER_EPOCH for s in range(k, total)], f"rank {rank}"

@@ -56,3 +56,14 @@ def _fmt(v) -> str:
 def print_result(obj: dict) -> None:
     """The job's last line: one JSON object with its figures."""
     print(json.dumps(obj, sort_keys=True), flush=True)
+
+
+def init_ray() -> None:
+    """Join RAY_ADDRESS or the cluster `ray start` left on this machine; else start a local Ray for this job.
+
+    Not ``address="auto"``: that also joins any other job's private local Ray found among the processes.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)  # (the dashboard flag only applies to a new Ray)

@@ -177,3 +177,9 @@ def cifar_seitpp_mtm() -> TrainConfig:
     """SeiT++ MTM on CIFAR-10: half the batch through TokenAdapt, the other half RRC 0.5-1, 3 epochs."""
     return dataclasses.replace(cifar_mtm(), recipe="cifar_seitpp_mtm", out="runs/cifar_seitpp_mtm",
                                augment={"rrc_prob": 1.0, "rrc_scale": (0.5, 1.0), "tokenadapt": True})
+
+
+@recipe
+def cifar_pixels() -> TrainConfig:
+    """Pixel baseline for sweeps: stored JPEGs into pixel_vit_tiny (token_vit_tiny's width, depth, 64 patches), flip + CutMix."""
+    return _cifar(recipe="cifar_pixels", model="pixel_vit_tiny", cutmix=1.0, label_smoothing=0.1, out="runs/cifar_pixels")

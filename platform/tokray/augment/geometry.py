@@ -131,8 +131,10 @@ def warp(x: torch.Tensor, theta: torch.Tensor, size: tuple[int, int], mode: str 
     theta = theta.to(device=x.device, dtype=torch.float64)
     # kornia wants the source->destination pixel matrix; normalized theta maps destination -> source
     m = denormalize_homography(torch.linalg.inv(theta), tuple(x.shape[-2:]), tuple(size), align_corners=False)
-    return warp_affine(x, m[:, :2].to(x.dtype), tuple(size), mode=mode, padding_mode=padding_mode,
-                       align_corners=False)
+    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # coordinates need float32
+    out = warp_affine(x.to(work), m[:, :2].to(work), tuple(size), mode=mode, padding_mode=padding_mode,
+                      align_corners=False)
+    return out.to(x.dtype)
 
 
 def center_crop_ids(ids: torch.Tensor, out_size: int) -> torch.Tensor:

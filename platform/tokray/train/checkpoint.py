@@ -17,8 +17,26 @@ from tokray.storage.manifest import DatasetMeta
 
 
 def data_summary(meta: DatasetMeta) -> dict:
-    return {"grid": list(meta.grid), "codebook_size": meta.codebook_size, "tokenizer": meta.tokenizer,
+    return {"kind": "tokens", "grid": list(meta.grid), "codebook_size": meta.codebook_size, "tokenizer": meta.tokenizer,
             "class_names": list(meta.class_names)}
+
+
+def open_training_data(uri: str):
+    """(summary dict, number of samples, the opened dataset) of a token or a pixel dataset."""
+    import json
+
+    from tokray.data.pixels import KIND as PIXELS, open_pixel_dataset
+    from tokray.storage.dataset import open_dataset
+    from tokray.storage.stores import open_store
+
+    raw = open_store(uri).read_meta("manifest.json")
+    if raw is not None and json.loads(raw).get("kind") == PIXELS:
+        ds = open_pixel_dataset(uri)
+        m = ds.meta
+        return ({"kind": "pixels", "grid": [m.size, m.size], "codebook_size": 0, "tokenizer": f"jpeg:{m.size}px-q{m.quality}",
+                 "class_names": list(m.class_names), "quality": m.quality}, m.num_samples, ds)
+    ds = open_dataset(uri)
+    return data_summary(ds.meta), len(ds), ds
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -62,10 +80,10 @@ def _data_from_config(cfg: TrainConfig) -> dict:
     return data_summary(open_dataset(cfg.data or default_tokens("train")).meta)
 
 
-def require_fits_data(ckpt_data: dict, meta: DatasetMeta, ckpt_path: str, data_uri: str) -> None:
-    """Grid and vocabulary must match what the checkpoint's model was built for."""
+def require_fits_data(ckpt_data: dict, data: dict, ckpt_path: str, data_uri: str) -> None:
+    """Grid and vocabulary (summaries of the checkpoint's data and of this data) must match."""
     want = (tuple(ckpt_data["grid"]), ckpt_data["codebook_size"])
-    have = (tuple(meta.grid), meta.codebook_size)
+    have = (tuple(data["grid"]), data["codebook_size"])
     if want != have:
         raise ValueError(f"dataset {data_uri} has a {have[0][0]}x{have[0][1]} grid of {have[1]} codes, but checkpoint "
                          f"{ckpt_path} was trained on a {want[0][0]}x{want[0][1]} grid of {want[1]} codes; use data "

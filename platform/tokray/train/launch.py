@@ -48,33 +48,28 @@ def config_from_args(args: argparse.Namespace, task: str, smoke_recipe: str, ext
 def prepare(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, dict, str | None]:
     """Everything that can be wrong, checked on the driver: (final config, worker inputs, resume path)."""
     from tokray.assets import default_tokens
-    from tokray.storage.dataset import open_dataset
-    from tokray.train.checkpoint import data_summary, latest_checkpoint, load_encoder, load_state, require_fits_data
+    from tokray.train.checkpoint import latest_checkpoint, load_encoder, load_state, open_training_data, require_fits_data
     from tokray.train.tasks import make_task
 
     if cfg.pretrain and not cfg.init:
         raise ValueError(f"recipe {cfg.recipe!r} fine-tunes an MTM checkpoint: run `python jobs/pretrain.py --recipe "
                          f"{cfg.pretrain}` first, then pass --init runs/{cfg.pretrain}")
     data_uri = cfg.data or default_tokens("train")
-    ds = open_dataset(data_uri)
-    data = data_summary(ds.meta)
-    codebook = load_codebook(cfg, ds)
+    data, num_samples, ds = open_training_data(data_uri)
+    codebook = load_codebook(cfg, ds) if data["kind"] == "tokens" else None
     model = make_task(cfg, data, codebook).build()  # unknown models, grids the model cannot take, bad augment
     out = os.path.abspath(cfg.out)
     updates = {"out": out}
+    eval_uri = cfg.eval_data or default_tokens("val")
     if cfg.task == "classify":
-        eval_uri = cfg.eval_data or default_tokens("val")
-        ev = open_dataset(eval_uri).meta
-        if (tuple(ev.grid), ev.codebook_size, list(ev.class_names)) != (tuple(ds.meta.grid), ds.meta.codebook_size,
-                                                                          list(ds.meta.class_names)):
-            raise ValueError(f"validation data {eval_uri} ({ev.grid[0]}x{ev.grid[1]} grid, {ev.codebook_size} codes, "
-                             f"{len(ev.class_names)} classes) does not match training data {data_uri} "
-                             f"({ds.meta.grid[0]}x{ds.meta.grid[1]}, {ds.meta.codebook_size} codes, "
-                             f"{len(ds.meta.class_names)} classes)")
+        ev = open_training_data(eval_uri)[0]
+        if _shape(ev) != _shape(data):
+            raise ValueError(f"validation data {eval_uri} ({_describe(ev)}) does not match training data {data_uri} "
+                             f"({_describe(data)}); give --eval-data stored the same way")
     if cfg.init:
         state, init_cfg, init_data = load_state(cfg.init)
         init_path = os.path.abspath(cfg.init)
-        require_fits_data(init_data, ds.meta, init_path, data_uri)
+        require_fits_data(init_data, data, init_path, data_uri)
         report = load_encoder(model, state, cfg.model, init_path, init_cfg.model)
         log.info("fine-tuning from %s (step %s of recipe %s)", init_path, state.get("step"), init_cfg.recipe)
         log.info("checkpoint keys dropped (%d): %s", len(report["dropped"]), ", ".join(report["dropped"]) or "-")
@@ -93,11 +88,21 @@ def prepare(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, dict, str | No
         if (prev_cfg.model, prev_cfg.model_args) != (cfg.model, cfg.model_args):
             raise ValueError(f"--resume: checkpoint {resume_from} holds {prev_cfg.model} {prev_cfg.model_args}, but this "
                              f"run builds {cfg.model} {cfg.model_args}; use another --out or the checkpoint's recipe")
-        require_fits_data(prev_data, ds.meta, resume_from, data_uri)
+        require_fits_data(prev_data, data, resume_from, data_uri)
     cfg = dataclasses.replace(cfg, **updates)
-    inputs = {"config": cfg.to_json(), "data": data, "num_samples": len(ds), "resume_from": resume_from, "codebook": codebook,
-              "data_uri": data_uri, "eval_uri": cfg.eval_data or default_tokens("val")}
+    inputs = {"config": cfg.to_json(), "data": data, "num_samples": num_samples, "resume_from": resume_from,
+              "codebook": codebook, "data_uri": data_uri, "eval_uri": eval_uri}
     return cfg, inputs, resume_from
+
+
+def _shape(d: dict) -> tuple:
+    return d["kind"], tuple(d["grid"]), d["codebook_size"], d.get("quality"), list(d["class_names"])
+
+
+def _describe(d: dict) -> str:
+    what = f"{d['grid'][0]}px JPEG q{d['quality']}" if d["kind"] == "pixels" else \
+        f"{d['grid'][0]}x{d['grid'][1]} grid, {d['codebook_size']} codes"
+    return f"{d['kind']}: {what}, {len(d['class_names'])} classes"
 
 
 def load_codebook(cfg: TrainConfig, ds):
@@ -119,12 +124,14 @@ def load_codebook(cfg: TrainConfig, ds):
     return tokenizer.quantizer.codebook.detach().clone()
 
 
-def fit(cfg: TrainConfig, inputs: dict):
-    """Run the TorchTrainer; returns its Result. A non-finite loss on a worker re-raises as FloatingPointError."""
+def fit(cfg: TrainConfig, inputs: dict, callbacks: list | None = None):
+    """Run the TorchTrainer (``callbacks``: Ray Train user callbacks, e.g. Tune's report callback); returns
+    its Result. A non-finite loss on a worker re-raises as FloatingPointError."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from tokray.cli import init_ray
     from tokray.storage.raysource import read_ray_dataset
     from tokray.train.loop import train_loop_per_worker
 
@@ -132,20 +139,19 @@ def fit(cfg: TrainConfig, inputs: dict):
     print(cfg.to_json(), flush=True)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         f.write(cfg.to_json())
-    if not ray.is_initialized():
-        try:  # RAY_ADDRESS, or a `ray start` cluster on this machine
-            ray.init(address="auto", configure_logging=False)
-        except ConnectionError:  # none: a local Ray for this job alone
-            ray.init(configure_logging=False, include_dashboard=False)
+    init_ray()
     # token sets are small: read (and verify) once, then every epoch streams from the object store
-    datasets = {"train": read_ray_dataset(inputs["data_uri"]).materialize()}
+    read = read_ray_dataset
+    if inputs["data"]["kind"] == "pixels":
+        from tokray.data.pixels import read_pixel_ray_dataset as read
+    datasets = {"train": read(inputs["data_uri"]).materialize()}
     if cfg.task == "classify":
-        datasets["val"] = read_ray_dataset(inputs["eval_uri"]).materialize()
+        datasets["val"] = read(inputs["eval_uri"]).materialize()
     worker_inputs = {k: inputs[k] for k in ("config", "data", "num_samples", "resume_from", "codebook")}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=worker_inputs,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        run_config=ray.train.RunConfig(name=cfg.recipe, storage_path=os.path.join(cfg.out, "ray"),
+        run_config=ray.train.RunConfig(name=cfg.recipe, storage_path=os.path.join(cfg.out, "ray"), callbacks=callbacks,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
         datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))

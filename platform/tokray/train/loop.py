@@ -61,7 +61,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     from tokray.cli import setup_logging
     from tokray.config import TrainConfig
-    from tokray.data.stream import iter_torch_batches
     from tokray.train.checkpoint import load_encoder, load_state
     from tokray.train.tasks import eval_view, make_task, top1
 
@@ -109,8 +108,8 @@ def train_loop_per_worker(config: dict) -> None:
     prog = _Progress()
     while step < total:
         epoch, done_in_epoch = divmod(step, per_epoch)
-        batches = iter_torch_batches(shard, data["grid"], micro, drop_last=True,
-                                     shuffle_buffer=cfg.shuffle_buffer or None, seed=cfg.seed * 1000 + epoch * 10 + rank)
+        batches = task.iter_batches(shard, micro, drop_last=True, shuffle_buffer=cfg.shuffle_buffer or None,
+                                    seed=cfg.seed * 1000 + epoch * 10 + rank)
         t0 = time.perf_counter()
         for i, batch in enumerate(batches):
             if i // cfg.grad_accum < done_in_epoch:  # resume: this epoch's first batches are done
@@ -128,7 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
                 raise FloatingPointError(f"non-finite {cfg.task} loss ({loss.item()}) at step {step}; "
                                          f"lower the lr (now {opt.param_groups[0]['lr']:.2e}) or check the data")
             (loss / cfg.grad_accum).backward()
-            prog.seen += len(batch["ids"]) * world
+            prog.seen += len(batch["label"]) * world
             if (i + 1) % cfg.grad_accum:
                 t0 = time.perf_counter()
                 continue
@@ -149,8 +148,9 @@ def train_loop_per_worker(config: dict) -> None:
                     log.info("step %d/%d loss %.4f lr %.2e %.0f samples/s data-wait %.1f%% ETA %.0fs", step, total,
                              metrics["loss"], lr, metrics["samples_per_s"], metrics["data_wait_pct"], metrics["eta_s"])
             if val is not None and (step % per_epoch == 0 or step == total):
-                score = lambda m, b: top1(m, b, device, rank, world, view=lambda x: eval_view(cfg, x))  # noqa: E731
-                metrics.update(_validate(raw, ema, val, data["grid"], micro, score))
+                view = (lambda x: eval_view(cfg, x)) if task.input_key == "ids" else None
+                score = lambda m, b: top1(m, b, device, rank, world, view=view, key=task.input_key)  # noqa: E731
+                metrics.update(_validate(raw, ema, lambda: task.iter_batches(val, micro), score))
                 if rank == 0:
                     log.info("epoch %.2f: val top-1 %.2f%%%s", step / per_epoch, metrics["val_top1"],
                              f" (EMA {metrics['val_top1_ema']:.2f}%)" if "val_top1_ema" in metrics else "")
@@ -182,13 +182,12 @@ def _make_ema(model, decay: float):
     return ModelEmaV3(model, decay=decay)
 
 
-def _validate(model, ema, val, grid, batch_size, score) -> dict:
-    from tokray.data.stream import iter_torch_batches
-
+def _validate(model, ema, val_batches, score) -> dict:
+    """val_batches() -> a fresh pass over the validation stream."""
     out = {}
     for key, m in (("val_top1", model), ("val_top1_ema", ema.module if ema is not None else None)):
         if m is not None:
-            correct, seen = score(m, iter_torch_batches(val, grid, batch_size))
+            correct, seen = score(m, val_batches())
             out[key], out["val_samples"] = 100.0 * correct / max(1, seen), seen
     return out
 

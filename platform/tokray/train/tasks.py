@@ -71,6 +71,14 @@ class _Task:
             embed.weight.requires_grad_(False)
         return model
 
+    input_key = "ids"
+
+    def iter_batches(self, data_iter, batch_size: int, **kw):
+        """Torch batches of this task's data from a Ray Dataset or DataIterator (ids stay uint16)."""
+        from tokray.data.stream import iter_torch_batches
+
+        return iter_torch_batches(data_iter, self.data["grid"], batch_size, **kw)
+
     def to(self, device) -> "_Task":
         if self.augment is not None:
             self.augment.to(device)
@@ -137,16 +145,49 @@ class ClassifyTask(_Task):
         return _soft_cross_entropy(model(x if self.cfg.mixup > 0 else x[:, 0]), target), {}
 
 
+class PixelClassifyTask(ClassifyTask):
+    """The pixel baseline: stored JPEGs (decoded in the data stream) into a pixel ViT with the token model's
+    width, depth and sequence length; random horizontal flip, then the same timm CutMix/Mixup and smoothing."""
+
+    input_key = "pixels"
+
+    def build(self) -> torch.nn.Module:
+        if self.num_classes < 2:
+            raise ValueError(f"classification needs a dataset with class names; this one has {self.num_classes}")
+        return models.create_model(self.cfg.model, img_size=self.data["grid"][0], num_classes=self.num_classes,
+                                   **self.cfg.model_args)
+
+    def iter_batches(self, data_iter, batch_size: int, **kw):
+        from tokray.data.pixels import iter_pixel_torch_batches
+
+        return iter_pixel_torch_batches(data_iter, self.data["grid"][0], batch_size, **kw)
+
+    def loss(self, model, batch: dict, device, generator) -> tuple[torch.Tensor, dict]:
+        x = batch["pixels"].to(device, non_blocking=True).float() / 255.0
+        flip = (torch.rand(len(x), generator=generator) < 0.5).to(device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        labels = batch["label"].to(device, non_blocking=True)
+        if self.mixer is None:
+            return F.cross_entropy(model(x), labels, label_smoothing=self.cfg.label_smoothing), {}
+        x, target = self.mixer(x, labels)
+        return _soft_cross_entropy(model(x), target), {}
+
+
 def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-def make_task(cfg: TrainConfig, data: dict, codebook: torch.Tensor | None = None):
-    return {"mtm": MTMTask, "classify": ClassifyTask}[cfg.task](cfg, data, codebook)
+def make_task(cfg: TrainConfig, data: dict, codebook: torch.Tensor | None = None, augment: bool = True):
+    if data.get("kind") == "pixels":
+        if cfg.task != "classify":
+            raise ValueError(f"recipe {cfg.recipe!r} ({cfg.task}) needs token data; pixel datasets train classifiers only")
+        return PixelClassifyTask(cfg, data, None, augment)
+    return {"mtm": MTMTask, "classify": ClassifyTask}[cfg.task](cfg, data, codebook, augment)
 
 
 @torch.no_grad()
-def top1(model: torch.nn.Module, batches, device, rank: int = 0, world: int = 1, view=None) -> tuple[int, int]:
+def top1(model: torch.nn.Module, batches, device, rank: int = 0, world: int = 1, view=None,
+         key: str = "ids") -> tuple[int, int]:
     """(correct, seen) over every batch (rank r takes batches r, r + world, ...), summed over ranks;
     ``view`` maps a batch's ids to what the model takes (e.g. the central crop)."""
     was_training = model.training
@@ -155,8 +196,8 @@ def top1(model: torch.nn.Module, batches, device, rank: int = 0, world: int = 1,
     for i, batch in enumerate(batches):
         if i % world != rank:
             continue
-        ids = batch["ids"].to(device, non_blocking=True)
-        logits = model(view(ids) if view is not None else ids)
+        x = batch[key].to(device, non_blocking=True)
+        logits = model(view(x) if view is not None else x)
         correct += int((logits.argmax(-1).cpu() == batch["label"]).sum())
         seen += len(batch["label"])
     model.train(was_training)

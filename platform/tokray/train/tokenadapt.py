@@ -51,7 +51,7 @@ class TokenAdaptConfig:
     model: str = "tokenadapt_cifar"
     model_args: dict = dataclasses.field(default_factory=dict, hash=False)
     steps: int = 2000
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 2e-3
     min_lr: float = 1e-5
     warmup: int = 100
@@ -164,6 +164,24 @@ def _encode_all(tokenizer, pixels: np.ndarray, batch: int = 1000) -> torch.Tenso
         return torch.cat([tokenizer.encode(to_unit(pixels[s:s + batch])) for s in range(0, len(pixels), batch)])
 
 
+def _source_ids(cfg: TokenAdaptConfig, tokenizer, fingerprint: str, train_px: np.ndarray) -> torch.Tensor:
+    """tokenizer(x) of every training image, cached in the run directory (a resume skips the work)."""
+    path = os.path.join(cfg.out_dir, "source_ids.pt")
+    key = json.dumps([fingerprint, os.path.basename(cfg.images.rstrip("/")), int(len(train_px)), cfg.val_per_class,
+                      cfg.split_seed, cfg.max_images])
+    if os.path.exists(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["key"] == key:
+            return state["ids"].long()
+    t0 = time.time()
+    ids = _encode_all(tokenizer, train_px)
+    log.info("tokenized %d training images in %.1fs", len(train_px), time.time() - t0)
+    torch.save({"key": key, "ids": ids.to(torch.int16 if tokenizer.codebook_size < 2**15 else torch.int32)},
+               path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return ids
+
+
 def _table(res: dict) -> str:
     return ", ".join(f"{k} {v['naive']:.3f}->{v['tokenadapt']:.3f}" for k, v in res.items())
 
@@ -201,9 +219,7 @@ def train(cfg: TokenAdaptConfig, resume: bool = True, progress: bool = True) -> 
         log.info("resumed from %s at step %d", ckpt_path, step)
     size = tokenizer.image_size
     train_px, val_px = load_pixels(cfg, size)
-    t0 = time.time()
-    source_ids = _encode_all(tokenizer, train_px)
-    log.info("tokenized %d training images in %.1fs", len(train_px), time.time() - t0)
+    source_ids = _source_ids(cfg, tokenizer, tok_info["fingerprint"], train_px)
     data = torch.from_numpy(train_px)
     eval_px = val_px[np.linspace(0, len(val_px) - 1, min(cfg.eval_images, len(val_px))).astype(int)]
     geometry = cfg.geometry()
@@ -251,7 +267,7 @@ def train(cfg: TokenAdaptConfig, resume: bool = True, progress: bool = True) -> 
         for t in model.state_dict().values():
             if t.is_floating_point():
                 t.copy_(t.half().float())
-    final = agreement(tokenizer, model, val_px)
+    final = agreement(tokenizer, model, val_px, psnr=False)  # PSNRs: jobs/evaluate_augment.py
     log.info("final agreement naive->TokenAdapt on %d held-out images: %s", len(val_px), _table(final))
     path = os.path.join(cfg.out_dir, "tokenadapt.safetensors")
     extra = {"images": os.path.basename(cfg.images.rstrip("/")), "steps": cfg.steps, "batch_size": cfg.batch_size,

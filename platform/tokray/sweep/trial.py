@@ -1,0 +1,71 @@
+"""One sweep trial as a Ray Tune function trainable: a Ray Train run inside it (Ray 2.60: a Tuner takes
+no Trainer; ``TuneReportCallback`` forwards every ``ray.train.report`` to Tune), then robustness.
+
+A trial resumes from the latest checkpoint in its run dir, so ``Tuner.restore`` after an
+interruption loses at most ``ckpt_every`` steps of each unfinished trial.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def run_trial(params: dict) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tokray.cli import setup_logging
+    from tokray.recipes import get_recipe
+    from tokray.sweep.plan import SweepConfig, run_overrides
+    from tokray.train.launch import fit, prepare
+
+    setup_logging()
+    sweep = SweepConfig(**params["sweep"])
+    cfg = get_recipe(params["recipe"], **run_overrides(sweep, params))
+    cfg, inputs, _ = prepare(cfg, resume=True)
+    if _finished(cfg, inputs):
+        log.info("%s already finished; reporting its result", cfg.out)
+        metrics = _last_metrics(cfg.out)
+    else:
+        result = fit(cfg, inputs, callbacks=[TuneReportCallback()])
+        metrics = dict(result.metrics or {})
+    final = {k: metrics.get(k) for k in ("step", "epoch", "loss", "val_top1", "samples_per_s")}
+    if cfg.task == "classify" and sweep.images:
+        final.update(corrupted_top1(cfg.out, sweep))
+    tune.report({**final, "done": True})
+
+
+def _finished(cfg, inputs) -> bool:
+    from tokray.train.checkpoint import latest_checkpoint, load_state
+    from tokray.train.loop import total_steps
+
+    latest = latest_checkpoint(cfg.out)
+    return bool(latest) and load_state(latest)[0]["step"] >= total_steps(cfg, inputs["num_samples"])[1]
+
+
+def _last_metrics(out: str) -> dict:
+    import json
+    import os
+
+    from tokray.train.checkpoint import latest_checkpoint
+
+    with open(os.path.join(latest_checkpoint(out), "metrics.json")) as f:
+        return json.load(f)
+
+
+def corrupted_top1(run_dir: str, sweep) -> dict:
+    """Top-1 on the raw validation images under each corruption, tokenized on the fly."""
+    import torch
+
+    from tokray.data.corrupt import CORRUPTIONS, corrupt
+    from tokray.train.evaluate import evaluate_checkpoint
+
+    out = {}
+    for kind in CORRUPTIONS:
+        gen = torch.Generator().manual_seed(sweep.seed)
+        res = evaluate_checkpoint(run_dir, images=sweep.images, split="val", limit=sweep.eval_limit,
+                                  transform=lambda px, kind=kind: corrupt(px, kind, sweep.corruption_severity, gen))
+        out[f"top1_{kind}"] = res["top1"]
+    return out

@@ -1,0 +1,160 @@
+"""Top-1 of a fine-tuned checkpoint: on a token dataset, or on raw images (optionally corrupted)
+tokenized on the fly with the tokenizer of the checkpoint's training data. Used by jobs/evaluate.py
+and the sweep."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def load_classifier(path: str, use_ema: bool):
+    """(model in eval mode, its config, its data summary) from a fine-tuning checkpoint."""
+    from tokray.train.checkpoint import load_state, resolve_checkpoint
+    from tokray.train.tasks import make_task
+
+    state, cfg, data = load_state(path)
+    if cfg.task != "classify":
+        raise ValueError(f"checkpoint {resolve_checkpoint(path)} is a {cfg.task} checkpoint of {cfg.model}, not a "
+                         f"classifier; fine-tune it first: python jobs/finetune.py --init {path}")
+    if use_ema and "ema" not in state:
+        raise ValueError(f"--ema: checkpoint {resolve_checkpoint(path)} holds no EMA weights (its run had ema_decay 0)")
+    model = make_task(cfg, data, augment=False).build()  # the weights (codebook stem too) come from the file
+    model.load_state_dict(state["ema" if use_ema else "model"])
+    return model.eval(), cfg, data
+
+
+def token_batches(uri: str, data: dict, ckpt: str, batch_size: int, limit: int):
+    """Batches of a token dataset that fits the checkpoint (grid, vocabulary, classes)."""
+    import torch
+
+    from tokray.storage.dataset import open_dataset
+    from tokray.train.checkpoint import data_summary, require_fits_data
+
+    ds = open_dataset(uri)
+    require_fits_data(data, data_summary(ds.meta), ckpt, uri)
+    _require_same_classes(list(ds.meta.class_names), data["class_names"], uri, ckpt)
+    seen = 0
+    for b in ds.iter_batches(batch_size):
+        n = len(b["label"]) if not limit else min(len(b["label"]), limit - seen)
+        if n <= 0:
+            return
+        seen += n
+        yield {"ids": torch.from_numpy(b["ids"][:n].astype("int64")), "label": torch.from_numpy(b["label"][:n].astype("int64"))}
+
+
+def image_batches(src_uri: str, split: str, tokenizer_path: str, data: dict, ckpt: str, batch_size: int, limit: int,
+                  device, transform=None):
+    """Decode raw images, ``transform`` them (uint8 [n, H, W, 3] -> same; e.g. a corruption), tokenize them
+    with the checkpoint data's tokenizer, yield id batches."""
+    import numpy as np
+    import torch
+
+    from tokray.data.images import ImageSource, decode_many, iter_indices, validation_split
+    from tokray.train.tokenizer import load_tokenizer, to_unit
+
+    tokenizer, info = load_tokenizer(tokenizer_path)
+    if info["fingerprint"] != data["tokenizer"]:  # ids mean nothing under another tokenizer
+        raise ValueError(f"checkpoint {ckpt} was trained on tokens of tokenizer {data['tokenizer']}, but "
+                         f"{tokenizer_path} is tokenizer {info['fingerprint']}; pass the training data's --tokenizer")
+    tokenizer.to(device)
+    src = ImageSource(src_uri)
+    _require_same_classes(list(src.class_names), data["class_names"], src_uri, ckpt)
+    idx = np.arange(len(src))
+    if split != "all":
+        val = validation_split(src.labels)
+        idx = np.flatnonzero(val if split == "val" else ~val)
+    idx = idx[:limit] if limit else idx
+    size = tokenizer.image_size
+    for chunk in iter_indices(len(idx), batch_size):
+        pixels, kept, skipped = decode_many(src, idx[chunk.start:chunk.stop], size)
+        if transform is not None:
+            pixels = transform(pixels)
+        with torch.no_grad():
+            ids = tokenizer.encode(to_unit(pixels).to(device)).cpu()
+        yield {"ids": ids, "label": torch.from_numpy(src.labels[kept].astype("int64"))}
+
+
+def stored_pixel_batches(src_uri: str, split: str, data: dict, ckpt: str, batch_size: int, limit: int, transform=None,
+                         raw_size: int = 32):
+    """For a pixel-baseline checkpoint: raw images (``transform``ed, e.g. corrupted), then stored the way its
+    training data was (resized, JPEG at its quality) and decoded, as uint8 [B, 3, s, s]."""
+    import numpy as np
+    import torch
+
+    from tokray.data.images import ImageSource, decode_many, iter_indices, validation_split
+    from tokray.data.pixels import decode_jpegs, encode_jpeg
+
+    src = ImageSource(src_uri)
+    _require_same_classes(list(src.class_names), data["class_names"], src_uri, ckpt)
+    idx = np.arange(len(src))
+    if split != "all":
+        val = validation_split(src.labels)
+        idx = np.flatnonzero(val if split == "val" else ~val)
+    idx = idx[:limit] if limit else idx
+    size = data["grid"][0]
+    for chunk in iter_indices(len(idx), batch_size):
+        pixels, kept, _ = decode_many(src, idx[chunk.start:chunk.stop], raw_size)  # corrupt at full resolution
+        if transform is not None:
+            pixels = transform(pixels)
+        stored = decode_jpegs([encode_jpeg(_resize(p, size), data["quality"]) for p in pixels], size)
+        yield {"pixels": torch.from_numpy(stored).permute(0, 3, 1, 2).contiguous(),
+               "label": torch.from_numpy(src.labels[kept].astype("int64"))}
+
+
+def _resize(pixels, size: int):
+    import numpy as np
+    from PIL import Image
+
+    if pixels.shape[0] == size:
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
+def _require_same_classes(have: list, want: list, where: str, ckpt: str) -> None:
+    if have != want:
+        raise ValueError(f"{where} has classes {have[:4]}{'...' if len(have) > 4 else ''} ({len(have)}), but checkpoint "
+                         f"{ckpt} was trained on {want[:4]}{'...' if len(want) > 4 else ''} ({len(want)})")
+
+
+def evaluate_checkpoint(ckpt: str, *, data: str = "", images: str = "", split: str = "val", tokenizer: str = "",
+                        ema: bool = False, batch_size: int = 500, limit: int = 0, transform=None, device=None) -> dict:
+    """Top-1 (%) of a classifier checkpoint on tokens (``data``; default the embedded validation split) or on
+    raw ``images`` tokenized on the fly (``transform`` applied to the pixels first)."""
+    import time
+
+    import torch
+
+    from tokray.assets import default_tokenizer, default_tokens
+    from tokray.devices import local_device
+    from tokray.train.checkpoint import resolve_checkpoint
+    from tokray.train.tasks import eval_view, top1
+
+    ckpt = resolve_checkpoint(ckpt)
+    device = device or local_device()
+    model, cfg, info = load_classifier(ckpt, ema)
+    model.to(device)
+    pixels = info.get("kind") == "pixels"
+    if pixels:
+        if not images:
+            raise ValueError(f"{ckpt} is a pixel-baseline checkpoint; evaluate it on raw --images")
+        source = images
+        batches = stored_pixel_batches(images, split, info, ckpt, batch_size, limit, transform)
+    elif images:
+        source = images
+        batches = image_batches(images, split, tokenizer or default_tokenizer(), info, ckpt, batch_size, limit, device,
+                                transform)
+    else:
+        source = data or default_tokens("val")
+        batches = token_batches(source, info, ckpt, batch_size, limit)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        correct, seen = top1(model, batches, device, view=None if pixels else (lambda ids: eval_view(cfg, ids)),
+                             key="pixels" if pixels else "ids")  # tokens: the central crop if trained on crops
+    if seen == 0:
+        raise ValueError(f"{source} gave no samples to evaluate")
+    return {"checkpoint": ckpt, "source": source, "input": "images" if images else "tokens",
+            "weights": "ema" if ema else "model", "samples": seen, "top1": 100.0 * correct / seen,
+            "samples_per_s": seen / (time.perf_counter() - t0), "model": cfg.model, "recipe": cfg.recipe,
+            "device": str(device)}

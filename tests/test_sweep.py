@@ -1,0 +1,41 @@
+"""jobs/sweep.py --smoke-test: a two-trial Ray Tune sweep writes the table (markdown, CSV) and the plot,
+and a rerun restores the Tune experiments instead of training again. With the CIFAR tar present, the
+second trial is a pixel baseline at matched bytes and both get top-1 under corruption."""
+
+import csv
+import json
+
+import pytest
+
+from conftest import ROOT, run_job
+
+CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10-train.tar"
+
+
+def _result(out):
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_smoke_sweep_writes_table_and_plot_and_resumes(tmp_path):
+    args = ["jobs/sweep.py", "--smoke-test", "--out", str(tmp_path)]
+    if CIFAR_TAR.exists():
+        args += ["--images", str(CIFAR_TAR)]
+    first = run_job(*args, timeout=900)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    res = _result(first)
+    assert res["trials"] == 2 and res["failed"] == 0
+    for ext in ("md", "csv", "png"):
+        assert (tmp_path / f"results.{ext}").stat().st_size > 0
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(rows) == 2 and all(0 <= float(r["top1"]) <= 100 for r in rows)
+    assert all(int(r["store_bytes"]) > 0 for r in rows)
+    if CIFAR_TAR.exists():
+        tokens, pixels = sorted(rows, key=lambda r: r["method"].startswith("pixels"))
+        assert pixels["method"].startswith("pixels") and int(pixels["store_bytes"]) <= int(tokens["store_bytes"])
+        assert all(r["top1_gaussian_noise"] and r["top1_gaussian_blur"] for r in rows)
+    assert (tmp_path / "results.md").read_text().startswith("| budget |")
+
+    again = run_job(*args, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "restoring the Tune experiment" in again.stdout + again.stderr
+    assert [r["top1"] for r in _result(again)["rows"]] == [r["top1"] for r in res["rows"]]
