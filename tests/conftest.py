@@ -74,6 +74,7 @@ def write_synth(uri, samples=3000, shard_rows=500, seed=0, grid=(8, 8), codebook
 def smoke_mtm_run(tmp_path_factory):
     """A smoke MTM pre-training run stopped at step 3 (tests resume it and fine-tune from it)."""
     out = tmp_path_factory.mktemp("smoke_mtm")
-    res = run_job("jobs/pretrain.py", "--smoke-test", "--max-steps", "3", "--out", str(out), timeout=600)
+    res = run_job("jobs/pretrain.py", "--smoke-test", "--max-steps", "3", "--trace-batches", "--out", str(out),
+                  timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return out

@@ -24,3 +24,21 @@ def test_unknown_recipe_lists_the_choices():
     out = run_job("jobs/pretrain.py", "--recipe", "imagenet_huge")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "cifar_mtm" in out.stderr and "smoke" in out.stderr
+
+
+def test_training_batches_mix_the_classes(smoke_mtm_run):
+    """The stored order is sorted by class; every batch must still hold many classes (global shuffle)."""
+    import numpy as np
+
+    from tokray.assets import default_tokens
+    from tokray.storage.dataset import open_dataset
+
+    labels = np.concatenate([b["label"] for b in open_dataset(default_tokens("train")).iter_batches(8192)])
+    ids = np.concatenate([b["sample_id"] for b in open_dataset(default_tokens("train")).iter_batches(8192)])
+    label_of = dict(zip(ids.tolist(), labels.tolist()))
+    traces = sorted((smoke_mtm_run / "trace").glob("rank*-from0-*.jsonl"))
+    assert len(traces) == 2, traces
+    for trace in traces:
+        for line in trace.read_text().splitlines():
+            batch = json.loads(line)["sample_ids"]
+            assert len({label_of[i] for i in batch}) >= 5, batch

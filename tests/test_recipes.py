@@ -16,7 +16,6 @@ def embedded():
     from tokray.assets import default_tokens
     from tokray.storage.dataset import open_dataset
     from tokray.train.checkpoint import data_summary
-    from tokray.train.launch import load_codebook
 
     ds = open_dataset(default_tokens("val"))
     batch = next(ds.iter_batches(16))

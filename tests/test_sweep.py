@@ -5,7 +5,6 @@ second trial is a pixel baseline at matched bytes and both get top-1 under corru
 import csv
 import json
 
-import pytest
 
 from conftest import ROOT, run_job
 
@@ -39,3 +38,6 @@ def test_smoke_sweep_writes_table_and_plot_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "restoring the Tune experiment" in again.stdout + again.stderr
     assert [r["top1"] for r in _result(again)["rows"]] == [r["top1"] for r in res["rows"]]
+
+    changed = run_job(*args, "--epochs", "2", timeout=900)
+    assert changed.returncode == 2 and "started with other settings" in changed.stderr, changed.stderr[-2000:]

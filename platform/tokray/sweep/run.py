@@ -29,6 +29,7 @@ def run_phase(name: str, trials: list[dict], sweep, use_asha: bool = False) -> l
     # (1 CPU), so `concurrent` trials fit `concurrent` CPUs
     trainable = tune.with_resources(tune.with_parameters(_indexed_trial, trials=trials, sweep=dataclasses.asdict(sweep)),
                                     tune.PlacementGroupFactory([{"CPU": 0, "memory": 256 * 2**20}]))
+    _pin_plan(storage, name, trials)
     if tune.Tuner.can_restore(path):
         log.info("%s: restoring the Tune experiment at %s (finished trials are kept)", name, path)
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
@@ -50,3 +51,23 @@ def run_phase(name: str, trials: list[dict], sweep, use_asha: bool = False) -> l
             metrics["error"] = str(result.error).splitlines()[-1] if str(result.error) else "error"
         rows.append({**trial, **metrics})
     return sorted(rows, key=lambda r: r["out"])
+
+
+def _pin_plan(storage: str, name: str, trials: list[dict]) -> None:
+    """Tune restores trials by index into this list: a rerun with other settings must not reuse the state."""
+    import json
+
+    os.makedirs(storage, exist_ok=True)
+    path = os.path.join(storage, f"{name}.plan.json")
+    plan = json.dumps(trials, sort_keys=True, indent=1, default=str)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() != plan:
+                raise ValueError(f"the sweep under {os.path.dirname(storage)} was started with other settings "
+                                 f"(budgets, recipes, epochs, pixel sizes or data); rerun it with the same flags to "
+                                 f"continue it, or give a new --out")
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(plan)
+    os.replace(tmp, path)

@@ -48,10 +48,8 @@ def image_batches(src_uri: str, split: str, tokenizer_path: str, data: dict, ckp
                   device, transform=None):
     """Decode raw images, ``transform`` them (uint8 [n, H, W, 3] -> same; e.g. a corruption), tokenize them
     with the checkpoint data's tokenizer, yield id batches."""
-    import numpy as np
     import torch
 
-    from tokray.data.images import ImageSource, decode_many, iter_indices, validation_split
     from tokray.train.tokenizer import load_tokenizer, to_unit
 
     tokenizer, info = load_tokenizer(tokenizer_path)
@@ -59,48 +57,46 @@ def image_batches(src_uri: str, split: str, tokenizer_path: str, data: dict, ckp
         raise ValueError(f"checkpoint {ckpt} was trained on tokens of tokenizer {data['tokenizer']}, but "
                          f"{tokenizer_path} is tokenizer {info['fingerprint']}; pass the training data's --tokenizer")
     tokenizer.to(device)
-    src = ImageSource(src_uri)
-    _require_same_classes(list(src.class_names), data["class_names"], src_uri, ckpt)
-    idx = np.arange(len(src))
-    if split != "all":
-        val = validation_split(src.labels)
-        idx = np.flatnonzero(val if split == "val" else ~val)
-    idx = idx[:limit] if limit else idx
-    size = tokenizer.image_size
-    for chunk in iter_indices(len(idx), batch_size):
-        pixels, kept, skipped = decode_many(src, idx[chunk.start:chunk.stop], size)
-        if transform is not None:
-            pixels = transform(pixels)
+    for pixels, labels in raw_images(src_uri, split, data["class_names"], ckpt, batch_size, limit,
+                                     tokenizer.image_size, transform):
         with torch.no_grad():
             ids = tokenizer.encode(to_unit(pixels).to(device)).cpu()
-        yield {"ids": ids, "label": torch.from_numpy(src.labels[kept].astype("int64"))}
+        yield {"ids": ids, "label": labels}
 
 
 def stored_pixel_batches(src_uri: str, split: str, data: dict, ckpt: str, batch_size: int, limit: int, transform=None,
                          raw_size: int = 32):
     """For a pixel-baseline checkpoint: raw images (``transform``ed, e.g. corrupted), then stored the way its
     training data was (resized, JPEG at its quality) and decoded, as uint8 [B, 3, s, s]."""
+    import torch
+
+    from tokray.data.pixels import decode_jpegs, encode_jpeg
+
+    size = data["grid"][0]
+    # corrupted at full resolution, then stored
+    for pixels, labels in raw_images(src_uri, split, data["class_names"], ckpt, batch_size, limit, raw_size, transform):
+        stored = decode_jpegs([encode_jpeg(_resize(p, size), data["quality"]) for p in pixels], size)
+        yield {"pixels": torch.from_numpy(stored).permute(0, 3, 1, 2).contiguous(), "label": labels}
+
+
+def raw_images(src_uri: str, split: str, class_names: list, ckpt: str, batch_size: int, limit: int, size: int,
+               transform=None):
+    """(uint8 pixels [n, size, size, 3], int64 labels) chunks of a split of raw images, ``transform``ed."""
     import numpy as np
     import torch
 
     from tokray.data.images import ImageSource, decode_many, iter_indices, validation_split
-    from tokray.data.pixels import decode_jpegs, encode_jpeg
 
     src = ImageSource(src_uri)
-    _require_same_classes(list(src.class_names), data["class_names"], src_uri, ckpt)
+    _require_same_classes(list(src.class_names), class_names, src_uri, ckpt)
     idx = np.arange(len(src))
     if split != "all":
         val = validation_split(src.labels)
         idx = np.flatnonzero(val if split == "val" else ~val)
     idx = idx[:limit] if limit else idx
-    size = data["grid"][0]
     for chunk in iter_indices(len(idx), batch_size):
-        pixels, kept, _ = decode_many(src, idx[chunk.start:chunk.stop], raw_size)  # corrupt at full resolution
-        if transform is not None:
-            pixels = transform(pixels)
-        stored = decode_jpegs([encode_jpeg(_resize(p, size), data["quality"]) for p in pixels], size)
-        yield {"pixels": torch.from_numpy(stored).permute(0, 3, 1, 2).contiguous(),
-               "label": torch.from_numpy(src.labels[kept].astype("int64"))}
+        pixels, kept, _ = decode_many(src, idx[chunk.start:chunk.stop], size)
+        yield (transform(pixels) if transform is not None else pixels), torch.from_numpy(src.labels[kept].astype("int64"))
 
 
 def _resize(pixels, size: int):

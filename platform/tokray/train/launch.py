@@ -140,11 +140,13 @@ def fit(cfg: TrainConfig, inputs: dict, callbacks: list | None = None):
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         f.write(cfg.to_json())
     init_ray()
-    # token sets are small: read (and verify) once, then every epoch streams from the object store
+    # token sets are small: read (and verify) once, then every epoch streams from the object store. Stores
+    # keep samples in source order (often sorted by class): one seeded global shuffle here, while the CPUs
+    # are free, and each epoch adds its own local shuffle; the order stays reproducible for --resume
     read = read_ray_dataset
     if inputs["data"]["kind"] == "pixels":
         from tokray.data.pixels import read_pixel_ray_dataset as read
-    datasets = {"train": read(inputs["data_uri"]).materialize()}
+    datasets = {"train": read(inputs["data_uri"]).random_shuffle(seed=cfg.seed).materialize()}
     if cfg.task == "classify":
         datasets["val"] = read(inputs["eval_uri"]).materialize()
     worker_inputs = {k: inputs[k] for k in ("config", "data", "num_samples", "resume_from", "codebook")}
