@@ -4,13 +4,7 @@ fine-tuning from its checkpoint, and evaluation. The cluster lives in its own te
 group, so it neither joins nor stops any other Ray instance of the test session."""
 
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -18,54 +12,27 @@ from pathlib import Path
 
 import pytest
 
+from raycluster import RAY, Cluster, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")  # the token lives in ~/.ray/auth_token: keep the user's untouched
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    dash = _free_port()
-    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # `python` in entrypoints
-    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
-    log = open(tmp_path_factory.mktemp("head") / "ray_start.log", "w")
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={_free_port()}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    cluster = Cluster(tmp_path_factory.mktemp("head"))
+    dash = free_port()
     try:
-        _wait_for(address, head, timeout=120)
-        yield {"address": address, "env": env}
+        cluster.start_head(dashboard_port=dash, cpus=2)  # the smoke recipes' 2 Ray Train workers
+        address = f"http://127.0.0.1:{dash}"
+        _wait_for(address, timeout=120)
+        yield {"address": address, "env": cluster.env}
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)  # the rest of the group: GCS, raylet, workers, job drivers
-        except ProcessLookupError:
-            pass
-        head.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        cluster.close()
 
 
-def _wait_for(address, head, timeout):
+def _wait_for(address, timeout):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start --head exited with {head.returncode}")
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
             return

@@ -1,12 +1,12 @@
 """Multi-node on one machine: a real 2-node Ray cluster (`ray start --head` plus a second raylet from
-`ray start --address`, 1 CPU each, token auth), smoke pre-training with one Ray Train worker per
-node on the streaming split.
+`ray start --address`, 1 CPU each, token auth), smoke pre-training (`jobs/pretrain.py --smoke-test
+--trace-batches` as the cluster's driver) with one Ray Train worker per node on the streaming split.
 
 (a) one epoch, traced: per step the two ranks' sample ids are disjoint and equal in size, and over
     the epoch every sample id is seen exactly once.
-(b) the non-head node is SIGKILLed once the run has a checkpoint; a replacement node joins (what an
-    autoscaler does) and Ray Train restarts the worker group from the last checkpoint: the step
-    count continues from it and the run finishes.
+(b) the non-head node is SIGKILLed (its whole process tree) once the Train controller has registered
+    a checkpoint; a replacement node joins (what an autoscaler does) and Ray Train restarts the
+    worker group from the last checkpoint: the step count continues from it and the run finishes.
 
 Every node lives in its own temp dir and process group, so nothing here joins or stops another Ray
 instance of this machine (never `ray stop`)."""
@@ -14,168 +14,31 @@ instance of this machine (never `ray stop`)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import psutil
 import pytest
 
 from conftest import write_synth
+from raycluster import Cluster, stop_process_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
 SAMPLES, BATCH = 640, 32  # the smoke recipe's global batch: one epoch = 20 steps, no remainder
 PER_EPOCH = SAMPLES // BATCH
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 TRACE = re.compile(r"rank(\d+)-from(\d+)-([0-9a-f]{8})\.jsonl")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tree(pid: int) -> list[psutil.Process]:
-    """A process and its descendants: a node's GCS, raylet, agents and Ray workers (which the raylet
-    puts in process groups of their own, so killing the node's group alone would leave them)."""
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _stop(proc: subprocess.Popen, grace: float = 10) -> None:
-    """SIGTERM the process group `proc` leads, then SIGKILL what is left of it and of its descendants."""
-    members = _tree(proc.pid)
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=grace)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    _sigkill(proc, members)
-
-
-def _sigkill(proc: subprocess.Popen, members: list[psutil.Process]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for p in members:
-        try:
-            p.kill()  # psutil checks the pid still names the same process
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-
-
-def _alive(members: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for p in members:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def _wait_for_line(path: Path, proc: subprocess.Popen, text: str, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if text in path.read_text():
-            return
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{path.read_text()[-3000:]}")
-        time.sleep(0.2)
-    raise TimeoutError(f"{proc.args} did not print {text!r} in {timeout}s:\n{path.read_text()[-3000:]}")
-
-
-class Cluster:
-    """A head node and worker nodes, each `ray start --block` in its own process group."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.temp_dir = tempfile.mkdtemp(prefix="rm", dir="/tmp")  # short: socket paths must fit 107 bytes
-        home = root / "home"  # the token lives in ~/.ray/auth_token: keep the user's untouched
-        home.mkdir()
-        self.address = f"127.0.0.1:{_free_port()}"
-        self.env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
-                    "RAY_ADDRESS": self.address,  # the job, and Ray's own clients in workers, reach this cluster only
-                    "TOKRAY_CACHE_DIR": str(root / "cache"),
-                    "RAY_health_check_period_ms": "1000",  # a dead raylet is noticed in ~5 s rather than ~15
-                    "RAY_raylet_start_wait_time_s": "180",  # a loaded CI machine may take over a minute to start one
-                    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",  # likewise for the Train workers (default 60)
-                    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # the controller polls workers 4x as often as by default
-                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-        self.nodes: dict[str, subprocess.Popen] = {}
-        self.node_ids: dict[str, str] = {}
-        self._logs = []
-        subprocess.run([RAY, "get-auth-token", "--generate"], env=self.env, check=True, capture_output=True,
-                       timeout=60)
-
-    def start(self, name: str, *args: str, cpus: int = 1) -> subprocess.Popen:
-        """Start a node and wait until `ray start` reports it running (registered with the GCS)."""
-        path = self.root / f"{name}.log"
-        log = open(path, "w")
-        self._logs.append(log)
-        proc = subprocess.Popen([RAY, "start", "--block", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
-                                 "--disable-usage-stats", *args],
-                                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.nodes[name] = proc
-        _wait_for_line(path, proc, "Ray runtime started", timeout=240)
-        ids = [a.split("=", 1)[1] for p in _tree(proc.pid) if p.name() == "raylet"
-               for a in p.cmdline() if a.startswith("--node_id=")]
-        assert len(ids) == 1, f"node {name}: raylet node ids {ids}"
-        self.node_ids[name] = ids[0][:8]  # as trace file names carry them
-        return proc
-
-    def start_head(self) -> None:
-        self.start("head", "--head", f"--port={self.address.split(':')[1]}", "--include-dashboard=false",
-                   f"--temp-dir={self.temp_dir}")
-
-    def add_worker(self, name: str, cpus: int = 1) -> subprocess.Popen:
-        return self.start(name, f"--address={self.address}", cpus=cpus)
-
-    def kill(self, name: str) -> None:
-        """The node dies at once, as a machine would: SIGKILL to ray start, GCS/raylet, agents, Ray workers."""
-        proc = self.nodes[name]
-        members = _tree(proc.pid)
-        _sigkill(proc, members)
-        deadline = time.time() + 10
-        while (left := _alive(members)) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not left, f"processes of node {name} survived SIGKILL: {left}"
-
-    def job(self, out: Path, data: str, *flags: str) -> "Job":
-        return Job([sys.executable, "jobs/pretrain.py", "--smoke-test", "--data", data, "--out", str(out),
-                    "--trace-batches", *flags], env=self.env)
-
-    def close(self) -> None:
-        for proc in reversed(list(self.nodes.values())):  # worker nodes first, the head (GCS) last
-            _stop(proc)
-        for log in self._logs:
-            log.close()
-        try:  # Ray's logs stay with the test's tmp_path, for a failure's post-mortem
-            shutil.copytree(Path(self.temp_dir) / "session_latest" / "logs", self.root / "ray-logs",
-                            ignore_dangling_symlinks=True, dirs_exist_ok=True)
-        except OSError:
-            pass
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+def _job(cluster, out: Path, data: str, *flags: str) -> "Job":
+    return Job([sys.executable, "jobs/pretrain.py", "--smoke-test", "--data", data, "--out", str(out),
+                "--trace-batches", *flags], env=cluster.env)
 
 
 class Job:
@@ -202,7 +65,7 @@ class Job:
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _stop(self.proc, grace=5)
+            stop_process_tree(self.proc, grace=5)
             self._reader.join(10)
             log.write_text(self.text)
             raise AssertionError(f"the job did not finish in {timeout}s:\n{self.text[-6000:]}") from None
@@ -219,7 +82,7 @@ class Job:
         raise AssertionError(f"no result line:\n{self.text[-4000:]}")
 
     def kill(self) -> None:
-        _stop(self.proc, grace=5)
+        stop_process_tree(self.proc, grace=5)
 
 
 @pytest.fixture(scope="module")
@@ -273,14 +136,15 @@ def _check_split(steps: dict[int, dict[int, list[int]]]) -> None:
 @pytest.mark.timeout(900)  # includes starting the cluster
 def test_one_worker_per_node_disjoint_equal_batches_cover_the_epoch(cluster, tokens, tmp_path):
     out = tmp_path / "run"
-    job = cluster.job(out, tokens, "--epochs", "1", "--max-steps", "1000")
+    job = _job(cluster, out, tokens, "--epochs", "1", "--max-steps", "1000")
     text = job.wait(timeout=600, log=tmp_path / "job.log")
     print(f"one-epoch run: {time.time() - job.t0:.1f}s")
     assert job.proc.returncode == 0, text[-6000:]
     assert job.result()["step"] == PER_EPOCH, text[-3000:]
 
     traces = _traces(out)
-    assert sorted((rank, frm) for rank, frm, _ in traces) == [(0, 0), (1, 0)], f"a restart, or a rank missing: {list(traces)}"
+    starts = sorted((rank, frm) for rank, frm, _ in traces)
+    assert starts == [(0, 0), (1, 0)], f"expected one start of each rank, from step 0: {list(traces)}"
     nodes = {node for _, _, node in traces}
     assert nodes == {cluster.node_ids["head"], cluster.node_ids["worker1"]}, (list(traces), cluster.node_ids)
 
@@ -307,7 +171,7 @@ def _registered_step(out: Path) -> int:
 def test_killing_the_worker_node_restores_from_the_last_checkpoint(cluster, tokens, tmp_path):
     total = 2 * PER_EPOCH  # long enough that the run is still going when its first checkpoint is registered
     out = tmp_path / "run"
-    job = cluster.job(out, tokens, "--epochs", "2", "--max-steps", str(total), "--ckpt-every", "3",
+    job = _job(cluster, out, tokens, "--epochs", "2", "--max-steps", str(total), "--ckpt-every", "3",
                       "--max-failures", "1")
     try:
         deadline = time.time() + 480

@@ -124,6 +124,16 @@ def load_codebook(cfg: TrainConfig, ds):
     return tokenizer.quantizer.codebook.detach().clone()
 
 
+def _data_config():
+    """Train split across workers (validation read whole by each); the same batches in the same order on every
+    pass, wherever the blocks live, so a restore that skips an epoch's first batches skips the right ones."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(datasets_to_split=["train"], execution_options=options, enable_shard_locality=False)
+
+
 def fit(cfg: TrainConfig, inputs: dict, callbacks: list | None = None):
     """Run the TorchTrainer (``callbacks``: Ray Train user callbacks, e.g. Tune's report callback); returns
     its Result. A non-finite loss on a worker re-raises as FloatingPointError."""
@@ -156,7 +166,7 @@ def fit(cfg: TrainConfig, inputs: dict, callbacks: list | None = None):
         run_config=ray.train.RunConfig(name=cfg.recipe, storage_path=os.path.join(cfg.out, "ray"), callbacks=callbacks,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-        datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
+        datasets=datasets, dataset_config=_data_config())
     try:
         return trainer.fit()
     except ray.train.WorkerGroupError as e:
