@@ -68,23 +68,26 @@ def view_rows(tokenizer, tokenadapt, pixels: np.ndarray, seed: int) -> list[np.n
 
 
 @torch.no_grad()
-def colour_figure(tokenizer, pixels: np.ndarray, offset_std: float, std: float, seed: int):
-    """(rows for the PNG, share of tokens changed by ColorAdapt and by Emb-Noise over ``pixels``)."""
+def colour_figure(tokenizer, pixels: np.ndarray, show: np.ndarray, offset_std: float, std: float, seed: int):
+    """(rows for the PNG from ``show``, share of tokens changed by ColorAdapt and by Emb-Noise over ``pixels``)."""
     cb = tokenizer.quantizer.codebook
-    changed = {"coloradapt": 0, "emb_noise": 0}
-    count, rows = 0, None
     gen = torch.Generator().manual_seed(seed)
-    for s in range(0, len(pixels), 500):
-        ids = tokenizer.encode(to_unit(pixels[s:s + 500]))
+
+    def both(px):
+        ids = tokenizer.encode(to_unit(px))
         emb = ops.embed(ids, cb)
-        ca = ops.requantize(ops.color_adapt(emb, 1.0, gen), cb)
-        en = ops.requantize(ops.emb_noise(emb, 1.0, offset_std, std, gen), cb)
+        return (ids, ops.requantize(ops.color_adapt(emb, 1.0, gen), cb),
+                ops.requantize(ops.emb_noise(emb, 1.0, offset_std, std, gen), cb))
+
+    changed = {"coloradapt": 0, "emb_noise": 0}
+    count = 0
+    for s in range(0, len(pixels), 500):
+        ids, ca, en = both(pixels[s:s + 500])
         changed["coloradapt"] += int((ca != ids).sum())
         changed["emb_noise"] += int((en != ids).sum())
         count += ids.numel()
-        if rows is None:
-            n = min(12, len(ids))  # the partner of sample i is sample B-1-i: row i of ids.flip(0)
-            rows = [to_u8(tokenizer.decode(t[:n])) for t in (ids, ids.flip(0), ca, en)]
+    ids, ca, en = both(show)  # the partner of sample i is sample B-1-i: row i of ids.flip(0)
+    rows = [to_u8(tokenizer.decode(t)) for t in (ids, ids.flip(0), ca, en)]
     return rows, {k: v / max(1, count) for k, v in changed.items()}
 
 
@@ -97,8 +100,8 @@ def main() -> int:
     p.add_argument("--split", default="val", choices=["val", "train", "all"])
     p.add_argument("--val-per-class", type=int, default=500)
     p.add_argument("--max-images", type=int, default=0)
-    p.add_argument("--noise-offset-std", type=float, default=0.05, help="Emb-Noise per-channel offset (figure)")
-    p.add_argument("--noise-std", type=float, default=0.05, help="Emb-Noise per-position std (figure)")
+    p.add_argument("--noise-offset-std", type=float, default=0.1, help="Emb-Noise per-channel offset (figure)")
+    p.add_argument("--noise-std", type=float, default=0.1, help="Emb-Noise per-position std (figure)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke-test", action="store_true", help="64 images")
     args = p.parse_args()
@@ -122,7 +125,7 @@ def main() -> int:
     show = pixels[np.linspace(0, len(pixels) - 1, min(12, len(pixels))).astype(int)]
     views_png = os.path.join(args.out, "augment_tokens.png")
     save_rows(views_png, view_rows(tokenizer, tokenadapt, show, args.seed))
-    rows, changed = colour_figure(tokenizer, pixels, args.noise_offset_std, args.noise_std, args.seed)
+    rows, changed = colour_figure(tokenizer, pixels, show, args.noise_offset_std, args.noise_std, args.seed)
     colour_png = os.path.join(args.out, "coloradapt_vs_embnoise.png")
     save_rows(colour_png, rows)
     table = [{"view": k, "naive": v["naive"], "tokenadapt": v["tokenadapt"],

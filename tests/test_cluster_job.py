@@ -46,7 +46,13 @@ def _wait_for(address, timeout):
 def _submit(ray_head, *entrypoint, env=None, timeout=600):
     cmd = [RAY, "job", "submit", "--address", ray_head["address"], "--runtime-env", "infra/runtime_env.yaml",
            "--", "python", *entrypoint]
-    return subprocess.run(cmd, cwd=ROOT, env=env or ray_head["env"], capture_output=True, text=True, timeout=timeout)
+    deadline = time.time() + 180
+    while True:  # the head's job agent comes up some seconds after the dashboard on a loaded machine
+        res = subprocess.run(cmd, cwd=ROOT, env=env or ray_head["env"], capture_output=True, text=True,
+                             timeout=timeout)
+        if "No available agent to submit job" not in res.stderr or time.time() > deadline:
+            return res
+        time.sleep(5)
 
 
 def _succeeded(res) -> bool:

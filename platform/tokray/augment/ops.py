@@ -71,6 +71,8 @@ def color_adapt(emb: torch.Tensor, fraction: float, generator: torch.Generator, 
     partner's mean, never NaN. Other samples are returned unchanged."""
     b = emb.shape[0]
     pick = choose(b, fraction, generator, emb.device).view(b, 1, 1, 1)
+    if emb.numel() == 0:
+        return emb
     x = emb.float()
     mean, std = channel_stats(x, eps)
     out = (x - mean) / std * std.flip(0) + mean.flip(0)

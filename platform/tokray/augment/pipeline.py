@@ -43,8 +43,10 @@ class AugmentConfig:
     # colour, chosen per iteration: Emb-Noise with noise_prob, ColorAdapt with coloradapt_prob
     noise_prob: float = 0.0
     noise_fraction: float = 0.5  # share of the samples that get noise
-    noise_offset_std: float = 0.05  # per-channel offset, in codebook units (codes are l2-normalised:
-    noise_std: float = 0.05  # one channel has std ~1/sqrt(C) = 0.18 for C = 32); per-position noise
+    # Emb-Noise scales are in codebook units: the codes are l2-normalised, one channel has std ~0.17
+    # (C = 32); on the CIFAR tokenizer 0.1/0.1 changes ~1/3 of a noised sample's tokens, SeiT's 1.0 all
+    noise_offset_std: float = 0.1  # per-channel offset, shared by all positions
+    noise_std: float = 0.1  # i.i.d. per-position noise
     coloradapt_prob: float = 0.0
     coloradapt_fraction: float = 0.5
     # geometry of the base path (on the embedding map, bicubic, then requantized)
