@@ -124,8 +124,9 @@ class Cluster:
         path = self.root / f"{name}.log"
         log = open(path, "w")
         self._logs.append(log)
+        # the dashboard agent's port is fixed (52365) by default: any other Ray on the machine would hold it
         proc = subprocess.Popen([RAY, "start", "--block", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
-                                 "--disable-usage-stats", *args],
+                                 f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats", *args],
                                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.nodes[name] = proc
         _wait_for_line(path, proc, "Ray runtime started", timeout=240)

@@ -60,7 +60,15 @@ def _succeeded(res) -> bool:
 
 
 def _last_json(text: str) -> dict:
-    return json.loads(next(ln for ln in reversed(text.splitlines()) if ln.startswith("{")))
+    """The job's result line (job logs may prefix it with a progress bar's control codes)."""
+    for line in reversed(text.splitlines()):
+        start = line.find('{"')
+        if start >= 0:
+            try:
+                return json.loads(line[start:])
+            except ValueError:
+                continue
+    raise AssertionError(f"no result line in:\n{text[-3000:]}")
 
 
 def test_job_submit_pretrain_finetune_evaluate(ray_head, tmp_path):

@@ -20,6 +20,16 @@ from tokray.train.tokenadapt import TokenAdaptConfig, train
 TINY = {"dim": 16, "depth": 1, "num_heads": 2}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a CPU shared with other jobs OpenMP threads wait
+    for each other (10x slower here); the previous setting is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def image_tar(tmp_path_factory):
     """40 smooth 32x32 JPEGs in two classes (no shared dataset needed)."""
@@ -143,13 +153,15 @@ def test_jobs_help_and_a_tokenadapt_for_another_tokenizer(image_tar, tmp_path, m
 
 
 def test_jobs_smoke(image_tar, tmp_path):
-    out = run_job("jobs/train_tokenadapt.py", "--smoke-test", "--images", image_tar, "--out", str(tmp_path / "ta"))
+    one = {"OMP_NUM_THREADS": "1"}  # see _one_thread
+    out = run_job("jobs/train_tokenadapt.py", "--smoke-test", "--images", image_tar, "--out", str(tmp_path / "ta"),
+                  env=one)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["steps"] == 4 and os.path.exists(res["path"])
     assert "tokenadapt" in out.stderr  # the progress bar
     out = run_job("jobs/evaluate_augment.py", "--smoke-test", "--images", image_tar, "--out", str(tmp_path / "ev"),
-                  "--split", "all", "--tokenadapt", res["path"])
+                  "--split", "all", "--tokenadapt", res["path"], env=one)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     for view in ("flip", "crop", "affine"):

@@ -1,5 +1,6 @@
-"""The embedded defaults every job finds without arguments: the trained CIFAR-10 tokenizer and the
-45,000 CIFAR-10 training images as tokens (40,000 train + the fixed 5,000-image validation split).
+"""The embedded defaults every job finds without arguments: the trained CIFAR-10 tokenizer, the
+45,000 CIFAR-10 training images as tokens (40,000 train + the fixed 5,000-image validation split)
+and the TokenAdapt weights trained for that tokenizer.
 
 Rebuild them with the commands in README.md ("Embedded default"); they ship as package data.
 """
@@ -26,4 +27,14 @@ def default_tokens(split: str = "train") -> str:
     path = os.path.join(ASSETS, f"tokens-{split}")
     if not os.path.exists(os.path.join(path, "manifest.json")):
         raise FileNotFoundError(f"the embedded CIFAR-10 {split} tokens are missing at {path}; {REBUILD}")
+    return path
+
+
+def default_tokenadapt() -> str:
+    """The shipped TokenAdapt (f, g) weights for the embedded CIFAR-10 tokenizer."""
+    path = os.path.join(ASSETS, "tokenadapt.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"the embedded CIFAR-10 TokenAdapt weights are missing at {path}; rebuild them with "
+                                "`python jobs/train_tokenadapt.py --images ../shared/datasets/cifar10-train.tar` "
+                                "(README.md, 'TokenAdapt')")
     return path

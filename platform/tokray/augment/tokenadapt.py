@@ -16,20 +16,8 @@ import torch
 import torch.nn as nn
 
 import models
+from tokray.assets import default_tokenadapt  # noqa: F401  (re-exported)
 from tokray.augment.geometry import warp
-
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "cifar10")
-
-
-def default_tokenadapt() -> str:
-    """The shipped TokenAdapt weights for the embedded CIFAR-10 tokenizer."""
-    path = os.path.join(ASSETS, "tokenadapt.safetensors")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"the embedded CIFAR-10 TokenAdapt weights are missing at {path}; rebuild them with "
-                                "`python jobs/train_tokenadapt.py --images ../shared/datasets/cifar10-train.tar` "
-                                "(README.md, 'Token augmentation')")
-    return path
-
 
 def _fingerprint(tensors: dict[str, torch.Tensor], config: dict) -> str:
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())

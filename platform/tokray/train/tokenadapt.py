@@ -29,8 +29,7 @@ import models
 from tokray.augment.geometry import GeometrySpec, warp
 from tokray.augment.ops import embed, requantize
 from tokray.augment.tokenadapt import load_tokenadapt, save_tokenadapt, tokenadapt_logits
-from tokray.data.images import ImageSource, decode_many, validation_split
-from tokray.train.tokenizer import load_tokenizer, to_unit
+from tokray.train.tokenizer import load_split, load_tokenizer, to_unit
 
 log = logging.getLogger(__name__)
 
@@ -144,19 +143,8 @@ def agreement(tokenizer, tokenadapt, pixels: np.ndarray, views: dict[str, Geomet
 
 
 def load_pixels(cfg: TokenAdaptConfig, size: int):
-    """Decoded train and validation pixels (uint8) of the source, split by the fixed seed."""
-    src = ImageSource(cfg.images)
-    val = validation_split(src.labels, cfg.val_per_class, cfg.split_seed)
-    train_idx, val_idx = np.flatnonzero(~val), np.flatnonzero(val)
-    if cfg.max_images:
-        train_idx = train_idx[: cfg.max_images]
-        val_idx = val_idx[: max(8, cfg.max_images // 8)]
-    t0 = time.time()
-    train_px, _, bad_t = decode_many(src, train_idx, size)
-    val_px, _, bad_v = decode_many(src, val_idx, size)
-    log.info("decoded %d train + %d validation images in %.1fs (%d skipped)", len(train_px), len(val_px),
-             time.time() - t0, len(bad_t) + len(bad_v))
-    return train_px, val_px
+    """Decoded train and validation pixels (uint8) of the source, split by the fixed seed (as for the tokenizer)."""
+    return load_split(cfg, size)[1:]
 
 
 def _encode_all(tokenizer, pixels: np.ndarray, batch: int = 1000) -> torch.Tensor:
