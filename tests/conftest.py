@@ -78,3 +78,15 @@ def smoke_mtm_run(tmp_path_factory):
                   timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a CPU shared with other jobs OpenMP threads wait
+    for each other (10x slower here); the previous setting is restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

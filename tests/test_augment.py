@@ -16,14 +16,7 @@ from tokray.augment.pipeline import AugmentConfig, TokenAugment, build_token_aug
 TAR = "/work/shared/datasets/cifar10-train.tar"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a CPU shared with other jobs OpenMP threads wait
-    for each other (10x slower here); the previous setting is restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gen(seed=0):

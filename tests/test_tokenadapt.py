@@ -20,14 +20,7 @@ from tokray.train.tokenadapt import TokenAdaptConfig, train
 TINY = {"dim": 16, "depth": 1, "num_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a CPU shared with other jobs OpenMP threads wait
-    for each other (10x slower here); the previous setting is restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from tokray.data.images import ImageSource, decode_image, decode_many, validation_split
 from tokray.storage import codec
+from tokray.storage.dataset import ShardedDataset
 from tokray.storage.manifest import MANIFEST_NAME, PROGRESS_NAME, ShardInfo
 from tokray.storage.stores import VERIFY_HINT, FileStore, ShardChecksumError, Store, open_store, shard_name
 
@@ -196,23 +197,12 @@ class PixelShardChecksumError(ShardChecksumError):
         return type(self), (self.args[0], self.shard)
 
 
-class PixelDataset:
+class PixelDataset(ShardedDataset):
     """A complete pixel dataset (its manifest exists). Every shard read is checked against its sha256."""
-
-    def __init__(self, store: FileStore, manifest: PixelManifest):
-        self.store = store
-        self.manifest = manifest
-
-    @property
-    def uri(self) -> str:
-        return str(self.store.uri)
 
     @property
     def meta(self) -> PixelManifest:
         return self.manifest
-
-    def __len__(self) -> int:
-        return self.manifest.num_samples
 
     def read_shard(self, i: int, columns: list[str] | None = None) -> pa.Table:
         try:  # the store checks the digest (S3: through the verified cache tier) and names the shard
@@ -221,10 +211,6 @@ class PixelDataset:
             check = f"tokray.data.pixels.open_pixel_dataset({self.uri!r}).verify()"
             raise PixelShardChecksumError(str(e).replace(VERIFY_HINT.format(uri=self.uri), check), e.shard) from None
         return decode_shard(data, columns)
-
-    def iter_tables(self, shard_indices=None) -> Iterator[pa.Table]:
-        for i in (range(len(self.manifest.shards)) if shard_indices is None else shard_indices):
-            yield self.read_shard(i)
 
     def iter_batches(self, batch_size: int = 1024, decode: bool = True) -> Iterator[dict[str, np.ndarray]]:
         """Dicts {pixels: uint8 [B, size, size, 3] (or jpeg: a list of B JPEG byte strings when

@@ -18,10 +18,11 @@ from tokray.storage.stores import LMDBStore, ShardChecksumError, Store, open_sto
 log = logging.getLogger(__name__)
 
 
-class TokenDataset:
-    """A complete dataset (its manifest exists). Every shard read is checked against its sha256."""
+class ShardedDataset:
+    """A complete dataset on a store (its manifest exists): token datasets here, pixel datasets in
+    tokray.data.pixels. Subclasses read (and verify) one shard in ``read_shard``."""
 
-    def __init__(self, store: Store, manifest: Manifest):
+    def __init__(self, store: Store, manifest):
         self.store = store
         self.manifest = manifest
 
@@ -29,19 +30,23 @@ class TokenDataset:
     def uri(self) -> str:
         return str(self.store.uri)
 
-    @property
-    def meta(self) -> DatasetMeta:
-        return self.manifest.meta
-
     def __len__(self) -> int:
         return self.manifest.num_samples
-
-    def read_shard(self, i: int, columns: list[str] | None = None) -> pa.Table:
-        return self.store.read_shard(self.manifest.shards[i], columns)
 
     def iter_tables(self, shard_indices=None) -> Iterator[pa.Table]:
         for i in (range(len(self.manifest.shards)) if shard_indices is None else shard_indices):
             yield self.read_shard(i)
+
+
+class TokenDataset(ShardedDataset):
+    """A complete token dataset. Every shard read is checked against its sha256."""
+
+    @property
+    def meta(self) -> DatasetMeta:
+        return self.manifest.meta
+
+    def read_shard(self, i: int, columns: list[str] | None = None) -> pa.Table:
+        return self.store.read_shard(self.manifest.shards[i], columns)
 
     def iter_batches(self, batch_size: int = 1024) -> Iterator[dict[str, np.ndarray]]:
         """Plain in-process iterator of numpy dicts {ids [B, h, w] uint16, label, sample_id}."""

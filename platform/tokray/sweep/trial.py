@@ -25,9 +25,9 @@ def run_trial(params: dict) -> None:
     sweep = SweepConfig(**params["sweep"])
     cfg = get_recipe(params["recipe"], **run_overrides(sweep, params))
     cfg, inputs, _ = prepare(cfg, resume=True)
-    if _finished(cfg, inputs):
+    metrics = _finished_metrics(cfg, inputs)
+    if metrics is not None:
         log.info("%s already finished; reporting its result", cfg.out)
-        metrics = _last_metrics(cfg.out)
     else:
         result = fit(cfg, inputs, callbacks=[TuneReportCallback()])
         metrics = dict(result.metrics or {})
@@ -37,21 +37,18 @@ def run_trial(params: dict) -> None:
     tune.report({**final, "done": True})
 
 
-def _finished(cfg, inputs) -> bool:
+def _finished_metrics(cfg, inputs) -> dict | None:
+    """The last metrics of a run whose latest checkpoint is its final step (a restored sweep); else None."""
+    import json
+    import os
+
     from tokray.train.checkpoint import latest_checkpoint, load_state
     from tokray.train.loop import total_steps
 
     latest = latest_checkpoint(cfg.out)
-    return bool(latest) and load_state(latest)[0]["step"] >= total_steps(cfg, inputs["num_samples"])[1]
-
-
-def _last_metrics(out: str) -> dict:
-    import json
-    import os
-
-    from tokray.train.checkpoint import latest_checkpoint
-
-    with open(os.path.join(latest_checkpoint(out), "metrics.json")) as f:
+    if not latest or load_state(latest)[0]["step"] < total_steps(cfg, inputs["num_samples"])[1]:
+        return None
+    with open(os.path.join(latest, "metrics.json")) as f:
         return json.load(f)
 
 

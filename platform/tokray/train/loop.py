@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -20,14 +19,13 @@ import time
 import numpy as np
 import torch
 
+from tokray.train.schedule import warmup_cosine
+
 log = logging.getLogger(__name__)
 
 
 def lr_at(step: int, total: int, cfg) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+    return warmup_cosine(step, total, cfg.lr, cfg.min_lr, cfg.warmup_steps)
 
 
 def total_steps(cfg, num_samples: int) -> tuple[int, int]:

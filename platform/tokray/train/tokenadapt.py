@@ -30,6 +30,8 @@ from tokray.augment.geometry import GeometrySpec, warp
 from tokray.augment.ops import embed, requantize
 from tokray.augment.tokenadapt import load_tokenadapt, save_tokenadapt, tokenadapt_logits
 from tokray.train.tokenizer import load_split, load_tokenizer, to_unit
+from tokray.train.schedule import warmup_cosine
+
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,7 @@ class TokenAdaptConfig:
 
 
 def lr_at(step: int, cfg: TokenAdaptConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+    return warmup_cosine(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup)
 
 
 def _mse255(recon: torch.Tensor, target: torch.Tensor) -> float:

@@ -20,6 +20,8 @@ import torch
 
 import models
 from tokray.data.images import ImageSource, decode_many, validation_split
+from tokray.train.schedule import warmup_cosine
+
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +148,7 @@ def evaluate(model, pixels: np.ndarray, batch: int = 500) -> dict:
 
 
 def lr_at(step: int, cfg: TokenizerConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+    return warmup_cosine(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup)
 
 
 def train(cfg: TokenizerConfig, resume: bool = True, progress: bool = True) -> dict:
