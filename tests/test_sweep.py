@@ -41,3 +41,21 @@ def test_smoke_sweep_writes_table_and_plot_and_resumes(tmp_path):
 
     changed = run_job(*args, "--epochs", "2", timeout=900)
     assert changed.returncode == 2 and "started with other settings" in changed.stderr, changed.stderr[-2000:]
+
+
+def test_results_table_has_top1_by_budget_with_token_lead_over_pixels(tmp_path):
+    from tokray.sweep.report import write_results
+
+    def trial(budget, nbytes, top1, recipe="", size=0):
+        kind = "pixels" if size else "tokens"
+        return {"kind": kind, "recipe": recipe or "cifar_pixels", "budget": budget, "store_bytes": nbytes,
+                "size": size, "quality": 50, "val_top1": top1, "epoch": 3}
+
+    trials = [trial("100%", 1000, 40.0, "seit"), trial("100%", 1000, 45.5, "seitpp"), trial("100%", 990, 42.0, size=16),
+              trial("10%", 100, 20.0, "seit"), trial("10%", 100, 30.0, "seitpp"), trial("10%", 95, 31.0, size=8)]
+    res = write_results(trials, str(tmp_path))
+    md = open(res["md"]).read()
+    pivot = md.split("Top-1 by budget:")[1]
+    assert "| budget | seit | seitpp | pixels | best tokens - pixels |" in pivot
+    assert "| 100% | 40.00 | 45.50 | 42.00 (16px q50) | +3.50 |" in pivot
+    assert "| 10% | 20.00 | 30.00 | 31.00 (8px q50) | -1.00 |" in pivot

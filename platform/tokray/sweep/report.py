@@ -33,14 +33,44 @@ def _fmt(v, col: str) -> str:
     return str(v)
 
 
+def _md_table(cols: list[str], cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    cells = []
     for r in rows:
-        cells = [_fmt(r.get(c), c) for c in COLUMNS]
+        cells.append([_fmt(r.get(c), c) for c in COLUMNS])
         if r.get("error"):
-            cells[COLUMNS.index("top1")] = "failed"
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            cells[-1][COLUMNS.index("top1")] = "failed"
+    return _md_table(COLUMNS, cells)
+
+
+def by_budget(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """One row per budget: top-1 of each token recipe, the pixel baseline, and the best recipe's lead
+    over it: the "does a byte of tokens beat a byte of pixels" view of the same results."""
+    recipes = sorted({r["method"] for r in rows if r["kind"] == "tokens"})
+    table = {}
+    for r in rows:
+        if r["top1"] is None:
+            continue
+        row = table.setdefault(r["budget"], {"budget": r["budget"]})
+        if r["kind"] == "tokens":
+            row[r["method"]] = r["top1"]
+        else:
+            row["pixels"] = f"{r['top1']:.2f} ({r['method'].replace('pixels ', '')})"
+            row["_pixels"] = r["top1"]
+    for row in table.values():
+        best = max((row[m] for m in recipes if m in row), default=None)
+        if best is not None and "_pixels" in row:
+            row["best tokens - pixels"] = f"{best - row['_pixels']:+.2f}"
+    return ["budget", *recipes, "pixels", "best tokens - pixels"], list(table.values())
+
+
+def pivot_markdown(rows: list[dict]) -> str:
+    cols, table = by_budget(rows)
+    return _md_table(cols, [[_fmt(row.get(c), c) for c in cols] for row in table])
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -87,7 +117,8 @@ def write_results(trials: list[dict], out_dir: str, title: str = "storage vs top
     rows = result_rows(trials)
     paths = {"md": os.path.join(out_dir, "results.md"), "csv": os.path.join(out_dir, "results.csv"),
              "png": os.path.join(out_dir, "results.png")}
-    for key, text in (("md", markdown(rows)), ("csv", csv_text(rows))):
+    md = f"{markdown(rows)}\nTop-1 by budget:\n\n{pivot_markdown(rows)}"
+    for key, text in (("md", md), ("csv", csv_text(rows))):
         tmp = f"{paths[key]}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(text)
