@@ -14,7 +14,8 @@ from safetensors import safe_open
 import models
 from conftest import run_job
 from tokray.augment.geometry import warp
-from tokray.augment.tokenadapt import default_tokenadapt, load_tokenadapt, save_tokenadapt
+from tokray.assets import default_tokenadapt
+from tokray.augment.tokenadapt import load_tokenadapt, save_tokenadapt
 from tokray.train.tokenadapt import TokenAdaptConfig, train
 
 TINY = {"dim": 16, "depth": 1, "num_heads": 2}
@@ -146,7 +147,7 @@ def test_jobs_help_and_a_tokenadapt_for_another_tokenizer(image_tar, tmp_path, m
 
 
 def test_jobs_smoke(image_tar, tmp_path):
-    one = {"OMP_NUM_THREADS": "1"}  # see _one_thread
+    one = {"OMP_NUM_THREADS": "1"}  # as the one_torch_thread fixture, for the subprocess
     out = run_job("jobs/train_tokenadapt.py", "--smoke-test", "--images", image_tar, "--out", str(tmp_path / "ta"),
                   env=one)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -3,7 +3,7 @@ maps with cosine requantization, TokenAdapt (f -> A -> g) and Mixup/CutMix; see 
 
 from tokray.augment.geometry import GeometrySpec, center_crop_ids, warp
 from tokray.augment.pipeline import AugmentConfig, TokenAugment, build_token_augment
-from tokray.augment.tokenadapt import default_tokenadapt, load_tokenadapt, save_tokenadapt
+from tokray.augment.tokenadapt import load_tokenadapt, save_tokenadapt
 
 __all__ = ["AugmentConfig", "GeometrySpec", "TokenAugment", "build_token_augment", "center_crop_ids",
-           "default_tokenadapt", "load_tokenadapt", "save_tokenadapt", "warp"]
+           "load_tokenadapt", "save_tokenadapt", "warp"]

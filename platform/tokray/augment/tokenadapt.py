@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import models
-from tokray.assets import default_tokenadapt  # noqa: F401  (re-exported)
+from tokray.assets import default_tokenadapt
 from tokray.augment.geometry import warp
 
 def _fingerprint(tensors: dict[str, torch.Tensor], config: dict) -> str:

@@ -58,13 +58,12 @@ def by_budget(rows: list[dict]) -> tuple[list[str], list[dict]]:
         row = table.setdefault(r["budget"], {"budget": r["budget"]})
         if r["kind"] == "tokens":
             row[r["method"]] = r["top1"]
-        else:
-            row["pixels"] = f"{r['top1']:.2f} ({r['method'].replace('pixels ', '')})"
-            row["_pixels"] = r["top1"]
-    for row in table.values():
-        best = max((row[m] for m in recipes if m in row), default=None)
-        if best is not None and "_pixels" in row:
-            row["best tokens - pixels"] = f"{best - row['_pixels']:+.2f}"
+            continue
+        row["pixels"] = f"{r['top1']:.2f} ({r['method'].replace('pixels ', '')})"
+        best = max((x["top1"] for x in rows if x["budget"] == r["budget"] and x["kind"] == "tokens"
+                    and x["top1"] is not None), default=None)
+        if best is not None:
+            row["best tokens - pixels"] = f"{best - r['top1']:+.2f}"
     return ["budget", *recipes, "pixels", "best tokens - pixels"], list(table.values())
 
 
