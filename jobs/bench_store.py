@@ -18,14 +18,15 @@ import time
 
 import numpy as np
 
-from tokray.cli import print_result, print_table, run_main, setup_logging
+from tokray.cli import print_result, print_table, run_main
+from tokray.runtime import setup_logging
 from tokray.storage.dataset import copy_dataset, open_dataset
+from tokray.storage.formats.tokens import table_ids
 
 
 def order0_entropy_bits(uri) -> float:
     counts = None
     for table in open_dataset(uri).iter_tables():
-        from tokray.storage.codec import table_ids
         c = np.bincount(table_ids(table).ravel(), minlength=65536)
         counts = c if counts is None else counts + c
     p = counts[counts > 0] / counts.sum()
@@ -54,9 +55,10 @@ def lmdb_random(uri, n: int = 20000, seed: int = 0) -> int:
     return n
 
 
-def ray_rows(uri, grid) -> list[dict]:
+def ray_rows(uri) -> list[dict]:
     import ray
 
+    from tokray.data.spec import DataSpec
     from tokray.data.stream import iter_torch_batches
     from tokray.storage.raysource import read_ray_dataset
 
@@ -64,17 +66,18 @@ def ray_rows(uri, grid) -> list[dict]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows = []
     ds = read_ray_dataset(uri)
+    spec = DataSpec.from_manifest(open_dataset(uri).manifest)
 
     def default_path():
         return sum(len(b["ids"]) for b in ds.iter_torch_batches(batch_size=256))
 
     def tokray_path(bs):
-        return lambda: sum(len(b["ids"]) for b in iter_torch_batches(ds, grid, batch_size=bs))
+        return lambda: sum(len(b["ids"]) for b in iter_torch_batches(ds, spec, batch_size=bs))
 
     mat = ds.materialize()
 
     def materialized():
-        return sum(len(b["ids"]) for b in iter_torch_batches(mat, grid, batch_size=1024))
+        return sum(len(b["ids"]) for b in iter_torch_batches(mat, spec, batch_size=1024))
 
     rows.append({"path": "ray data: default iter_torch_batches (bs 256)", "samples_per_s": timed(default_path, 2)})
     rows.append({"path": "ray data: tokray arrow collate (bs 256)", "samples_per_s": timed(tokray_path(256), 2)})
@@ -85,7 +88,8 @@ def ray_rows(uri, grid) -> list[dict]:
 
 
 def s3_rows(uri, tmp) -> list[dict]:
-    from tokray.storage.s3local import LocalS3Server
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from s3server import LocalS3Server  # test machinery (moto): the repo's tests/, not the package
 
     rows = []
     with LocalS3Server() as server:
@@ -150,7 +154,7 @@ def main() -> int:
         copy_dataset(uri, f"lmdb://{tmp}/lmdb")
         rows.append({"path": "lmdb: random access by sample id", "samples_per_s": timed(lambda: lmdb_random(f"lmdb://{tmp}/lmdb"))})
     if "ray" not in args.skip:
-        rows += ray_rows(uri, m.meta.grid)
+        rows += ray_rows(uri)
     print_table(rows)
     print()
 

@@ -1,11 +1,14 @@
-"""Token datasets on any store: info, verify, copy, subset, synth.
+"""Datasets (token or pixel records) on any store: info, verify, copy, subset, synth, pixels, import-seit.
 
   python jobs/dataset.py info URI
   python jobs/dataset.py verify URI
   python jobs/dataset.py copy SRC DST
   python jobs/dataset.py subset SRC DST --budget 10%|300KB|5000samples [--seed 0]
   python jobs/dataset.py synth DST [--samples 45000 --grid 8 8 --codebook 512]
+  python jobs/dataset.py pixels IMAGES DST --size 16 --quality 50 [--split train|val|all]
   python jobs/dataset.py import-seit DATA_BIN_GZ LABELS_TXT CODEBOOK DST [--grid 32 32]
+
+info, verify, copy and subset work the same on token and pixel datasets.
 
 URIs: a local path or file:///abs/path, s3://bucket/prefix (endpoint and credentials from the
 standard AWS variables and config files), lmdb:///abs/path.
@@ -19,7 +22,9 @@ import os
 
 from tqdm import tqdm
 
-from tokray.cli import print_result, print_table, run_main, setup_logging
+from tokray.cli import print_result, print_table, run_main
+from tokray.runtime import setup_logging
+from tokray.data.pixels import write_pixel_dataset
 from tokray.data.seit_import import import_seit, seit_index_path
 from tokray.data.synth import SynthTokens
 from tokray.storage.budget import BUDGET_FORMS, Budget, make_subset
@@ -32,17 +37,21 @@ log = logging.getLogger("tokray.jobs.dataset")
 def cmd_info(args) -> int:
     ds = open_dataset(args.uri)
     m = ds.manifest
-    h, w = m.meta.grid
-    rows = [{"field": k, "value": v} for k, v in [
-        ("uri", ds.uri), ("samples", m.num_samples), ("grid", f"{h}x{w}"), ("codebook_size", m.meta.codebook_size),
-        ("classes", len(m.meta.class_names)), ("tokenizer", m.meta.tokenizer), ("shards", len(m.shards)),
-        ("shard_rows", m.meta.shard_rows), ("shard_bytes", m.shard_bytes), ("store_bytes", m.store_bytes),
-        ("bytes_per_sample", m.store_bytes / max(1, m.num_samples))]]
-    print_table(rows)
-    print_result({"uri": ds.uri, "num_samples": m.num_samples, "grid": [h, w], "codebook_size": m.meta.codebook_size,
-                  "num_classes": len(m.meta.class_names), "tokenizer": m.meta.tokenizer, "shards": len(m.shards),
-                  "shard_bytes": m.shard_bytes, "store_bytes": m.store_bytes, "extra": m.meta.extra})
+    fields = {"uri": ds.uri, "kind": m.kind, "samples": m.num_samples, **ds.format.summary(m.meta),
+              "classes": len(m.meta.class_names), "shards": len(m.shards), "shard_rows": m.meta.shard_rows,
+              "shard_bytes": m.shard_bytes, "store_bytes": m.store_bytes,
+              "bytes_per_sample": m.store_bytes / max(1, m.num_samples)}
+    print_table([{"field": k, "value": v} for k, v in fields.items()])
+    print_result({"uri": ds.uri, "kind": m.kind, "num_samples": m.num_samples, **_meta_fields(m.meta),
+                  "num_classes": len(m.meta.class_names), "shards": len(m.shards), "shard_bytes": m.shard_bytes,
+                  "store_bytes": m.store_bytes, "extra": m.meta.extra})
     return 0
+
+
+def _meta_fields(meta) -> dict:
+    """The record kind's settings for the JSON line (tokens: grid, codebook_size, tokenizer; pixels: size, quality)."""
+    d = meta.to_json()
+    return {k: v for k, v in d.items() if k not in ("class_names", "extra", "shard_rows", "encoding")}
 
 
 def cmd_verify(args) -> int:
@@ -90,6 +99,20 @@ def cmd_synth(args) -> int:
         m = writer.close(num_shards=-(-args.samples // args.shard_rows))
     print_result({"dst": args.dst, "num_samples": m.num_samples, "store_bytes": m.store_bytes,
                   "shards": len(m.shards)})
+    return 0
+
+
+def cmd_pixels(args) -> int:
+    with tqdm(desc="pixels", unit="image", disable=args.quiet) as bar:
+        res = write_pixel_dataset(args.images, args.dst, size=args.size, quality=args.quality, split=args.split,
+                                  max_images=args.max_images, shard_rows=args.shard_rows, overwrite=args.overwrite,
+                                  val_per_class=args.val_per_class, progress=bar.update)
+    print_table([{"images": res["samples"], "size": f"{res['size']}x{res['size']}", "quality": res["quality"],
+                  "store_bytes": res["store_bytes"], "bytes_per_image": res["bytes_per_image"],
+                  "shards_written": res["shards_written"], "skipped": len(res["skipped"])}])
+    for name in res["skipped"]:
+        print(f"skipped (unreadable): {name}")
+    print_result({**{k: v for k, v in res.items() if k != "skipped"}, "skipped_count": len(res["skipped"])})
     return 0
 
 
@@ -147,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-rows", type=int, default=8192, help="samples per shard (default 8192)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser("pixels", help="store an image source as a pixel dataset of small JPEGs (resumable)",
+                       description="IMAGES: a tar, a folder <anything>/<class>/<file>, or an s3:// prefix. Each image "
+                                   "is resized to SIZE x SIZE (bicubic) and stored as a baseline JPEG at QUALITY.")
+    s.add_argument("images", metavar="IMAGES")
+    s.add_argument("dst", metavar="DST")
+    s.add_argument("--size", type=int, required=True, help="side of the stored images in pixels (e.g. 32, 16, 8)")
+    s.add_argument("--quality", type=int, required=True, help="JPEG quality, 1..100 (e.g. 75)")
+    s.add_argument("--split", default="train", choices=["train", "val", "all"],
+                   help="the fixed, seeded validation split (val), the rest (train, default) or all")
+    s.add_argument("--val-per-class", type=int, default=500)
+    s.add_argument("--max-images", type=int, default=0, help="the first N images of the split (0 = all)")
+    s.add_argument("--shard-rows", type=int, default=8192, help="samples per shard (default 8192)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_pixels)
 
     s = sub.add_parser(
         "import-seit", help="convert SeiT's released token files into a token dataset (resumable)",

@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from tokray.cli import print_result, print_table, run_main, setup_logging
-from tokray.train.evaluate import evaluate_checkpoint
+from tokray.cli import print_result, print_table, run_main
+from tokray.eval.classify import evaluate_checkpoint
+from tokray.runtime import setup_logging
 
 log = logging.getLogger("tokray.jobs.evaluate")
 

@@ -23,13 +23,16 @@ import os
 import numpy as np
 import torch
 
+from tokray.assets import default_tokenizer
 from tokray.augment import ops
 from tokray.augment.geometry import warp
 from tokray.augment.tokenadapt import load_tokenadapt, tokenadapt_logits
-from tokray.cli import print_result, print_table, run_main, setup_logging
-from tokray.data.images import ImageSource, decode_many, validation_split
-from tokray.train.tokenadapt import EVAL_VIEWS, agreement
-from tokray.train.tokenizer import load_tokenizer, to_unit
+from tokray.cli import print_result, print_table, run_main
+from tokray.data.images import ImageSource, decode_many
+from tokray.data.splits import split_indices
+from tokray.data.tokenizer import load_tokenizer, to_unit
+from tokray.eval.agreement import EVAL_VIEWS, agreement
+from tokray.runtime import setup_logging
 
 
 def to_u8(x: torch.Tensor) -> np.ndarray:
@@ -107,13 +110,11 @@ def main() -> int:
     args = p.parse_args()
     setup_logging()
     if args.tokenizer is None:
-        from tokray.assets import default_tokenizer
         args.tokenizer = default_tokenizer()
     tokenizer, info = load_tokenizer(args.tokenizer)
     tokenadapt, ta_info = load_tokenadapt(args.tokenadapt, info["fingerprint"])  # refuses a mismatch first
     src = ImageSource(args.images)
-    val = validation_split(src.labels, args.val_per_class, 0)
-    idx = {"val": np.flatnonzero(val), "train": np.flatnonzero(~val), "all": np.arange(len(src))}[args.split]
+    idx = split_indices(src.labels, args.split, args.val_per_class)
     limit = 64 if args.smoke_test else args.max_images
     if limit:
         idx = idx[np.linspace(0, len(idx) - 1, min(limit, len(idx))).astype(int)]  # across all classes

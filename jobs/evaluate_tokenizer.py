@@ -17,12 +17,15 @@ import tempfile
 import numpy as np
 import torch
 
-from tokray.cli import print_result, print_table, run_main, setup_logging
+from tokray.assets import default_tokenizer
+from tokray.cli import print_result, print_table, run_main
 from tokray.data.images import ImageSource, decode_many
-from tokray.data.tokenize import TokenizeJob, require_same_tokenizer, select_indices
+from tokray.data.splits import split_indices
+from tokray.data.tokenizer import load_tokenizer, require_same_tokenizer, to_unit
+from tokray.eval.metrics import entropy_bits, psnr_db
+from tokray.runtime import setup_logging
 from tokray.storage.dataset import DatasetWriter, open_dataset
-from tokray.storage.manifest import DatasetMeta
-from tokray.train.tokenizer import entropy_bits, load_tokenizer, psnr_db, to_unit
+from tokray.storage.formats.tokens import TokenMeta
 
 
 def save_grid(path: str, *image_sets: np.ndarray, per_row: int = 16) -> None:
@@ -55,16 +58,15 @@ def main() -> int:
     args = p.parse_args()
     setup_logging()
     if args.tokenizer is None:
-        from tokray.assets import default_tokenizer
         args.tokenizer = default_tokenizer()
     model, info = load_tokenizer(args.tokenizer)
     if args.tokens:  # checked first: a wrong pairing fails before any work
         tokens = open_dataset(args.tokens)
         require_same_tokenizer(tokens.meta, info["fingerprint"], args.tokens)
-    job = TokenizeJob(images=args.images, dst="", tokenizer=args.tokenizer, split=args.split,
-                      val_per_class=args.val_per_class, max_images=64 if args.smoke_test else args.max_images)
     src = ImageSource(args.images)
-    pixels, kept, bad = decode_many(src, select_indices(src, job), model.image_size)
+    limit = 64 if args.smoke_test else args.max_images
+    pixels, kept, bad = decode_many(src, split_indices(src.labels, args.split, args.val_per_class, max_images=limit),
+                                    model.image_size)
     ids, recon = [], []
     with torch.no_grad():
         for s in range(0, len(pixels), 500):
@@ -76,8 +78,8 @@ def main() -> int:
     psnr = psnr_db(recon, to_unit(pixels))
     recon_u8 = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     with tempfile.TemporaryDirectory() as tmp:  # the ids just computed, stored: shards + manifest bytes
-        meta = DatasetMeta(grid=model.grid, codebook_size=model.codebook_size, class_names=src.class_names,
-                           tokenizer=info["fingerprint"], shard_rows=8192)
+        meta = TokenMeta(grid=model.grid, codebook_size=model.codebook_size, class_names=src.class_names,
+                         tokenizer=info["fingerprint"], shard_rows=8192)
         with DatasetWriter(os.path.join(tmp, "tokens"), meta) as writer:
             writer.write(ids.numpy().astype(np.uint16), src.labels[kept], kept)
             stored = writer.close()

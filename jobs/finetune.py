@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from tokray.cli import print_result, print_table, run_main, setup_logging
+from tokray.cli import print_result, print_table, run_main
+from tokray.runtime import setup_logging
 from tokray.train.launch import add_train_args, config_from_args
 
 
@@ -29,15 +30,14 @@ def main() -> int:
     args = p.parse_args()
     setup_logging()
     from tokray.train.launch import fit, prepare
-    from tokray.train.loop import total_steps
 
     extra = {"init": args.init, "eval_data": args.eval_data, "ema_decay": args.ema}
-    cfg, inputs, _ = prepare(config_from_args(args, task="classify", smoke_recipe="smoke_ft", extra=extra),
-                             resume=args.resume)
-    result = fit(cfg, inputs)
+    plan = prepare(config_from_args(args, task="classify", smoke_recipe="smoke_ft", extra=extra), resume=args.resume)
+    cfg = plan.config
+    result = fit(plan)
     m = result.metrics or {}
     ckpt = result.checkpoint.path if result.checkpoint else None
-    total = total_steps(cfg, inputs["num_samples"])[1]
+    total = plan.steps[1]
     row = {"recipe": cfg.recipe, "init": cfg.init or "scratch", "steps": m.get("step"), "epochs": m.get("epoch"),
            "loss": m.get("loss"), "val_top1": m.get("val_top1"), "val_top1_ema": m.get("val_top1_ema"),
            "samples_per_s": m.get("samples_per_s", 0.0)}

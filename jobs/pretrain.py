@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from tokray.cli import print_result, print_table, run_main, setup_logging
+from tokray.cli import print_result, print_table, run_main
+from tokray.runtime import setup_logging
 from tokray.train.launch import add_train_args, config_from_args
 
 
@@ -24,13 +25,13 @@ def main() -> int:
     args = p.parse_args()
     setup_logging()
     from tokray.train.launch import fit, prepare
-    from tokray.train.loop import total_steps
 
-    cfg, inputs, _ = prepare(config_from_args(args, task="mtm", smoke_recipe="smoke"), resume=args.resume)
-    result = fit(cfg, inputs)
+    plan = prepare(config_from_args(args, task="mtm", smoke_recipe="smoke"), resume=args.resume)
+    cfg = plan.config
+    result = fit(plan)
     m = result.metrics or {}
     ckpt = result.checkpoint.path if result.checkpoint else None
-    total = total_steps(cfg, inputs["num_samples"])[1]
+    total = plan.steps[1]
     print_table([{"recipe": cfg.recipe, "steps": m.get("step"), "total": total, "loss": m.get("loss"),
                   "samples_per_s": m.get("samples_per_s", 0.0), "checkpoint": ckpt or "-"}])
     print_result({"recipe": cfg.recipe, "step": m.get("step"), "total_steps": total, "loss": m.get("loss"),

@@ -21,7 +21,8 @@ import argparse
 import logging
 import os
 
-from tokray.cli import print_result, print_table, run_main, setup_logging
+from tokray.cli import print_result, print_table, run_main
+from tokray.runtime import setup_logging
 
 log = logging.getLogger("tokray.jobs.sweep")
 
@@ -52,7 +53,7 @@ def main() -> int:
 
     import dataclasses
 
-    from tokray.cli import init_ray
+    from tokray.runtime import init_ray
     from tokray.sweep.plan import SweepConfig, materialize_subsets, mtm_runs, token_trials
     from tokray.sweep.report import write_results
     from tokray.sweep.run import run_phase

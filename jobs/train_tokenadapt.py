@@ -16,8 +16,9 @@ import argparse
 import dataclasses
 import json
 
-from tokray.cli import print_result, print_table, run_main, setup_logging
-from tokray.train.tokenadapt import TokenAdaptConfig, train
+from tokray.cli import print_result, print_table, run_main
+from tokray.fit.tokenadapt import TokenAdaptConfig, train
+from tokray.runtime import setup_logging
 
 
 def main() -> int:

@@ -12,8 +12,9 @@ import argparse
 import dataclasses
 import json
 
-from tokray.cli import print_result, print_table, run_main, setup_logging
-from tokray.train.tokenizer import TokenizerConfig, train
+from tokray.cli import print_result, print_table, run_main
+from tokray.fit.tokenizer import TokenizerConfig, train
+from tokray.runtime import setup_logging
 
 
 def main() -> int:

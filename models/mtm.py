@@ -23,6 +23,16 @@ from models.registry import register_model
 from models.token_vit import token_vit
 
 
+ENCODER_PREFIX = "encoder."  # an MTM model's encoder is exactly a token ViT (without its head)
+
+
+def token_vit_keys(state_dict: dict) -> dict[str, str]:
+    """{state-dict key: token ViT key} of the token-ViT weights in a state dict: an MTM model's
+    ``encoder.*`` (prefix removed), else a classifier's own keys unchanged."""
+    enc = {k: k[len(ENCODER_PREFIX):] for k in state_dict if k.startswith(ENCODER_PREFIX)}
+    return enc or {k: k for k in state_dict}
+
+
 def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding [h*w, dim] (half the channels per axis)."""
     if dim % 4:

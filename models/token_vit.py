@@ -65,6 +65,14 @@ def token_vit(grid: tuple[int, int], vocab_size: int, num_classes: int = 0, *, s
         embed_layer=partial(TokenEmbed, vocab_size=vocab_size, token_dropout=token_dropout))
 
 
+def describe_weights(state_dict: dict) -> str:
+    """'width 128, depth 4, 512 codes' from a token-ViT state dict (what decides whether it loads)."""
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    width = state_dict["pos_embed"].shape[-1] if "pos_embed" in state_dict else "?"
+    codes = state_dict["patch_embed.embed.weight"].shape[0] if "patch_embed.embed.weight" in state_dict else "?"
+    return f"width {width}, depth {depth}, {codes} codes"
+
+
 @register_model
 def token_vit_tiny(grid=(8, 8), vocab_size=512, **kw):
     """CIFAR scale: width 128, depth 4, 1x1 stem (64 patches on an 8x8 grid)."""

@@ -9,7 +9,7 @@ f: LayerNorm(C) (ours), Linear(C -> dim), fixed 2-D sin-cos positions, ``depth``
 bias, Tanh MLP), LayerNorm, ConvTranspose2d(dim -> C, u, stride u): a C-channel map at u times the
 grid. g: Conv2d(C -> dim, u, stride u), sin-cos positions, ``depth`` blocks, LayerNorm,
 Linear(dim -> V): one V-way classifier per output token, trained with cross-entropy against the
-tokens of the augmented image (``tokray.train.tokenadapt``). The ImageNet variant has the widths of
+tokens of the augmented image (``tokray.fit.tokenadapt``). The ImageNet variant has the widths of
 the released SeiT++ code (f 1.84 M + g 1.97 M parameters); the CIFAR variant is a narrow one.
 """
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def s3_server():
-    from tokray.storage.s3local import LocalS3Server
+    from s3server import LocalS3Server
 
     server = LocalS3Server().start()
     saved = {k: os.environ.get(k) for k in server.env()}

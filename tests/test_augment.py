@@ -1,19 +1,19 @@
 """Token-domain augmentation: ColorAdapt, Emb-Noise, requantization, Token-EDA, geometry in f-space,
 the pipeline's determinism and edge cases, and the shipped TokenAdapt's agreement against naive."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import models
+from conftest import ROOT
 from tokray.augment import ops
 from tokray.augment.geometry import GeometrySpec, center_crop_ids, flip_theta, warp
-from tokray.augment.pipeline import AugmentConfig, TokenAugment, build_token_augment
+from tokray.augment.pipeline import TokenAugment, build_token_augment
+from tokray.config import AugmentConfig
 
-TAR = "/work/shared/datasets/cifar10-train.tar"
+CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10-train.tar"  # ../shared/ beside the repo
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -26,7 +26,7 @@ def gen(seed=0):
 @pytest.fixture(scope="module")
 def tokenizer():
     from tokray.assets import default_tokenizer
-    from tokray.train.tokenizer import load_tokenizer
+    from tokray.data.tokenizer import load_tokenizer
 
     return load_tokenizer(default_tokenizer())
 
@@ -294,30 +294,41 @@ def test_pipeline_moves_to_a_device_with_its_buffers(codebook):
 # the shipped TokenAdapt: at least 1.5x the naive agreement for flip and crop
 
 
-def test_shipped_tokenadapt_beats_naive_on_held_out_images(tokenizer):
+def _beats_naive(tokenizer, pixels):
+    """The shipped TokenAdapt's agreement on ``pixels`` is at least 1.5x the naive one for flip and crop."""
     from tokray.augment.tokenadapt import load_tokenadapt
-    from tokray.train.tokenadapt import EVAL_VIEWS, agreement
+    from tokray.eval.agreement import EVAL_VIEWS, agreement
 
     model, info = tokenizer
     ta, ta_info = load_tokenadapt("", info["fingerprint"])
-    if os.path.exists(TAR):  # the fixed validation split's real images
-        from tokray.data.images import ImageSource, decode_many, validation_split
-
-        src = ImageSource(TAR)
-        idx = np.flatnonzero(validation_split(src.labels))[::20]  # 250 of the 5,000, every class
-        pixels = decode_many(src, idx, 32)[0]
-    else:  # a fresh checkout: the shipped validation tokens, decoded, stand in for the images
-        from tokray.assets import default_tokens
-        from tokray.storage.dataset import open_dataset
-
-        batch = next(open_dataset(default_tokens("val")).iter_batches(5000))["ids"][::20]
-        ids = torch.from_numpy(batch.astype(np.int64))
-        with torch.no_grad():
-            pixels = ((model.decode(ids) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     views = {k: EVAL_VIEWS[k] for k in ("flip", "crop", "affine")}
     res = agreement(model, ta, pixels, views, psnr=False)
     for view in ("flip", "crop"):
         assert res[view]["tokenadapt"] >= 1.5 * res[view]["naive"], res
+    return ta_info
+
+
+@pytest.mark.skipif(not CIFAR_TAR.exists(), reason="needs ../shared/datasets/cifar10-train.tar")
+def test_shipped_tokenadapt_beats_naive_on_held_out_images(tokenizer):
+    from tokray.data.images import ImageSource, decode_many
+    from tokray.data.splits import split_indices
+
+    src = ImageSource(str(CIFAR_TAR))  # the fixed validation split's real images
+    idx = split_indices(src.labels, "val")[::20]  # 250 of the 5,000, every class
+    _beats_naive(tokenizer, decode_many(src, idx, 32)[0])
+
+
+def test_shipped_tokenadapt_beats_naive_on_decoded_validation_tokens(tokenizer):
+    """A fresh checkout (no images): the shipped validation tokens, decoded, stand in for the images."""
+    from tokray.assets import default_tokens
+    from tokray.storage.dataset import open_dataset
+
+    model, _ = tokenizer
+    batch = next(open_dataset(default_tokens("val")).iter_batches(5000))["ids"][::20]
+    ids = torch.from_numpy(batch.astype(np.int64))
+    with torch.no_grad():
+        pixels = ((model.decode(ids) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    ta_info = _beats_naive(tokenizer, pixels)
     # the figures measured on the whole validation split when the weights were made
     final = ta_info["extra"]["agreement"]
     for view in ("flip", "crop"):

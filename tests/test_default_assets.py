@@ -8,14 +8,14 @@ import pytest
 from conftest import ROOT
 from tokray.assets import ASSETS, default_tokenizer, default_tokens
 from tokray.storage.dataset import open_dataset
-from tokray.train.tokenizer import load_tokenizer
+from tokray.data.tokenizer import load_tokenizer
 
 CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10-train.tar"
 
 
 def test_default_tokenizer_matches_its_datasets():
-    model, info = load_tokenizer(default_tokenizer())
-    assert model.grid == (8, 8)
+    model, info = load_tokenizer(default_tokenizer())  # verifies the weights against the fingerprint
+    assert model.grid == (8, 8) and info["fingerprint"] == "43cd99c722a56531"  # recorded in every shipped set
     for split, n in (("train", 40000), ("val", 5000)):
         ds = open_dataset(default_tokens(split))
         assert ds.meta.tokenizer == info["fingerprint"]
@@ -45,7 +45,7 @@ def test_stored_ids_are_what_the_tokenizer_gives():
     import torch
 
     from tokray.data.images import ImageSource, decode_image
-    from tokray.train.tokenizer import to_unit
+    from tokray.data.tokenizer import to_unit
 
     model, _ = load_tokenizer(default_tokenizer())
     batch = next(open_dataset(default_tokens("val")).iter_batches(32))

@@ -74,7 +74,7 @@ def test_evaluate_on_tokens_and_on_raw_images(ft_run, tmp_path):
 
 
 def test_evaluate_refuses_another_tokenizer_and_an_mtm_checkpoint(ft_run, mtm_run, tmp_path):
-    from tokray.train.tokenizer import save_tokenizer
+    from tokray.data.tokenizer import save_tokenizer
 
     other = tmp_path / "other.safetensors"
     torch.manual_seed(1)
@@ -133,10 +133,11 @@ def test_load_encoder_names_both_models_on_a_shape_mismatch():
 
 def test_layer_decay_scales_lr_from_the_head_down():
     from tokray.config import TrainConfig
+    from tokray.data.spec import DataSpec
     from tokray.train.tasks import ClassifyTask
 
     cfg = TrainConfig(recipe="t", task="classify", model="token_vit_tiny", layer_decay=0.5, num_workers=1)
-    task = ClassifyTask(cfg, {"grid": [8, 8], "codebook_size": 512, "class_names": list(CIFAR_CLASSES)})
+    task = ClassifyTask(cfg, DataSpec(kind="tokens", grid=(8, 8), codebook_size=512, class_names=CIFAR_CLASSES))
     model = task.build()
     groups = task.param_groups(model)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}

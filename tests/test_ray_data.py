@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from conftest import write_synth
+from tokray.data.spec import DataSpec
 from tokray.data.stream import iter_torch_batches
+from tokray.storage.dataset import open_dataset
 from tokray.storage.raysource import read_ray_dataset
 
 
@@ -15,7 +17,7 @@ def test_ray_dataset_roundtrip(kind, tmp_path, ray_session, request):
     if kind == "s3":
         uri = f"s3://{request.getfixturevalue('s3_bucket')}/ds"
     gen = write_synth(uri, samples=1800, shard_rows=400)
-    batches = list(iter_torch_batches(read_ray_dataset(uri), (8, 8), batch_size=256))
+    batches = list(iter_torch_batches(read_ray_dataset(uri), _spec(uri), batch_size=256))
     ids = torch.cat([b["ids"] for b in batches])
     sids = torch.cat([b["sample_id"] for b in batches])
     labels = torch.cat([b["label"] for b in batches])
@@ -35,7 +37,7 @@ def test_streaming_split_gives_disjoint_equal_parts(tmp_path, ray_session):
     parts = read_ray_dataset(uri).streaming_split(2, equal=True)
 
     def consume(it):  # both consumers must run at once, as the Train workers do
-        return torch.cat([b["sample_id"] for b in iter_torch_batches(it, (8, 8), batch_size=100)])
+        return torch.cat([b["sample_id"] for b in iter_torch_batches(it, _spec(uri), batch_size=100)])
 
     with ThreadPoolExecutor(2) as pool:
         seen = list(pool.map(consume, parts))
@@ -51,4 +53,8 @@ def test_corrupt_shard_fails_the_ray_read(tmp_path, ray_session):
     data[200] ^= 0x10
     path.write_bytes(bytes(data))
     with pytest.raises(Exception, match="shard-00002.parquet"):
-        list(iter_torch_batches(read_ray_dataset(uri), (8, 8), batch_size=100))
+        list(iter_torch_batches(read_ray_dataset(uri), _spec(uri), batch_size=100))
+
+
+def _spec(uri) -> DataSpec:
+    return DataSpec.from_manifest(open_dataset(uri).manifest)

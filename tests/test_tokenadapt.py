@@ -16,7 +16,7 @@ from conftest import run_job
 from tokray.augment.geometry import warp
 from tokray.assets import default_tokenadapt
 from tokray.augment.tokenadapt import load_tokenadapt, save_tokenadapt
-from tokray.train.tokenadapt import TokenAdaptConfig, train
+from tokray.fit.tokenadapt import TokenAdaptConfig, train
 
 TINY = {"dim": 16, "depth": 1, "num_heads": 2}
 
@@ -97,7 +97,7 @@ def test_weights_roundtrip_and_refuse_another_tokenizer(tmp_path):
 
 def test_shipped_weights_are_small_and_made_for_the_shipped_tokenizer():
     from tokray.assets import default_tokenizer
-    from tokray.train.tokenizer import load_tokenizer
+    from tokray.data.tokenizer import load_tokenizer
 
     path = default_tokenadapt()
     assert os.path.getsize(path) < 2_000_000
@@ -115,7 +115,7 @@ def test_training_runs_and_resumes(image_tar, tmp_path, caplog):
     assert set(first["agreement"]) == {"identity", "flip", "crop", "affine"}
     assert first["agreement"]["identity"]["naive"] == 1.0  # the naive identity is the tokens themselves
     assert first["val_images"] == 4  # 2 per class
-    with caplog.at_level(logging.INFO, logger="tokray.train.tokenadapt"):
+    with caplog.at_level(logging.INFO, logger="tokray.fit.tokenadapt"):
         second = train(TokenAdaptConfig(**{**cfg.__dict__, "steps": 5}), progress=False)
     assert "resumed from" in caplog.text and "at step 3" in caplog.text
     assert second["steps"] == 5 and [c["step"] for c in second["curve"]] == [2, 3, 4, 5]

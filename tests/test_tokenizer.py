@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -11,9 +12,10 @@ import torch
 from conftest import run_job
 from models import create_model
 from models.tokenizer import CosineQuantizer
-from tokray.data.tokenize import require_same_tokenizer
+from tokray.artifacts import fingerprint, load_artifact, save_artifact
+from tokray.data.tokenizer import load_tokenizer, require_same_tokenizer, save_tokenizer
+from tokray.fit.tokenizer import TokenizerConfig, train
 from tokray.storage.dataset import open_dataset
-from tokray.train.tokenizer import TokenizerConfig, load_tokenizer, save_tokenizer, train
 
 TINY = {"widths": (16, 32), "codebook_size": 32}
 
@@ -62,7 +64,7 @@ def test_tiny_tokenizer_trains_and_reports(tiny_tokenizer):
 
 def test_tar_to_tokens_through_ray_skips_the_corrupt_jpeg(image_tar, tiny_tokenizer, tmp_path):
     dst = str(tmp_path / "tokens")
-    out = run_job("jobs/tokenize.py", "--images", image_tar, "--dst", dst, "--tokenizer", tiny_tokenizer["path"],
+    out = run_job("jobs/tokenize_images.py", "--images", image_tar, "--dst", dst, "--tokenizer", tiny_tokenizer["path"],
                   "--shard-rows", "10", "--batch-size", "8", "--smoke-test")
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -76,7 +78,7 @@ def test_tar_to_tokens_through_ray_skips_the_corrupt_jpeg(image_tar, tiny_tokeni
     # the same ids as the tokenizer gives in-process
     model, _ = load_tokenizer(tiny_tokenizer["path"])
     from tokray.data.images import ImageSource, decode_image
-    from tokray.train.tokenizer import to_unit
+    from tokray.data.tokenizer import to_unit
 
     src = ImageSource(image_tar)
     first = int(batch["sample_id"][0])
@@ -86,9 +88,9 @@ def test_tar_to_tokens_through_ray_skips_the_corrupt_jpeg(image_tar, tiny_tokeni
 
 
 def test_other_tokenizer_is_refused_naming_both(tiny_tokenizer):
-    from tokray.storage.manifest import DatasetMeta
+    from tokray.storage.formats.tokens import TokenMeta
 
-    meta = DatasetMeta((8, 8), 32, ("a",), "0123456789abcdef", 10)
+    meta = TokenMeta((8, 8), 32, ("a",), "0123456789abcdef", 10)
     with pytest.raises(ValueError) as e:
         require_same_tokenizer(meta, tiny_tokenizer["fingerprint"], "tokens")
     assert "0123456789abcdef" in str(e.value) and tiny_tokenizer["fingerprint"] in str(e.value)
@@ -105,6 +107,52 @@ def test_fingerprint_is_stable_and_guards_the_weights(tmp_path):
     assert save_tokenizer(model, "vq_cifar_8x8", TINY, str(tmp_path / "c.safetensors")) != a
     with pytest.raises(FileNotFoundError, match="train_tokenizer"):
         load_tokenizer(str(tmp_path / "missing.safetensors"))
+
+
+def test_artifacts_of_any_dtype_roundtrip_and_fingerprint(tmp_path):
+    """bf16 has no numpy dtype: the fingerprint hashes raw bytes, so every dtype saves, loads and verifies."""
+    torch.manual_seed(0)
+    tensors = {"w": torch.randn(4, 3).to(torch.bfloat16), "h": torch.randn(5).half(), "f": torch.randn(2, 2),
+               "mask": torch.tensor([True, False]), "n": torch.arange(3)}
+    config = {"model": "anything", "model_args": {"grid": [8, 8]}}
+    path = str(tmp_path / "a.safetensors")
+    fp = save_artifact(path, tensors, config, {"note": 1}, fields={"tokenizer": "abc"})
+    assert fp == fingerprint(tensors, config) and len(fp) == 16
+    loaded, info = load_artifact(path, "thing", "make one")
+    assert info.fingerprint == fp and info.extra == {"note": 1} and info.fields == {"tokenizer": "abc"}
+    assert info.config == config and (os.stat(path).st_mode & 0o777) == 0o644
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v)
+    changed = {**tensors, "w": tensors["w"].clone()}
+    changed["w"][0, 0] += 1
+    assert fingerprint(changed, config) != fp
+    # a bf16 tokenizer file loads into the float32 model and verifies
+    model = create_model("vq_cifar_8x8", **TINY).to(torch.bfloat16)
+    tok = str(tmp_path / "tok.safetensors")
+    tok_fp = save_tokenizer(model, "vq_cifar_8x8", TINY, tok)
+    assert load_tokenizer(tok)[1]["fingerprint"] == tok_fp
+
+
+def test_foreign_or_damaged_artifacts_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_tokenizer(str(garbage))
+    foreign = str(tmp_path / "foreign.safetensors")
+    save_file({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="not a tokray tokenizer"):
+        load_tokenizer(foreign)
+    model = create_model("vq_cifar_8x8", **TINY)
+    path = tmp_path / "tok.safetensors"
+    save_tokenizer(model, "vq_cifar_8x8", TINY, str(path))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit in the last tensor's bytes
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged"):
+        load_tokenizer(str(damaged))
 
 
 def test_dead_codes_are_restarted_on_live_encodings():
@@ -145,7 +193,7 @@ def test_training_resumes_from_its_checkpoint(image_tar, tmp_path, caplog):
     first = train(cfg, progress=False)
     import dataclasses
 
-    with caplog.at_level(logging.INFO, logger="tokray.train.tokenizer"):
+    with caplog.at_level(logging.INFO, logger="tokray.fit.tokenizer"):
         second = train(dataclasses.replace(cfg, steps=6), progress=False)
     assert "resumed" in caplog.text and "at step 4" in caplog.text
     assert [c["step"] for c in second["curve"]] == [2, 4, 6]

@@ -1,21 +1,16 @@
-"""Shared plumbing for the thin entry points in jobs/: logging, user errors, result lines."""
+"""Shared plumbing for the thin entry points in jobs/: user errors, tables, result lines.
+
+Logging setup and joining Ray are process setup, used below the jobs too: ``tokray.runtime``.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from typing import Callable
 
 # FloatingPointError: a non-finite loss, reported with its step
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, KeyError, FloatingPointError)
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run_main(main: Callable[[], int | None]) -> None:
@@ -57,13 +52,3 @@ def print_result(obj: dict) -> None:
     """The job's last line: one JSON object with its figures."""
     print(json.dumps(obj, sort_keys=True), flush=True)
 
-
-def init_ray() -> None:
-    """Join RAY_ADDRESS or the cluster `ray start` left on this machine; else start a local Ray for this job.
-
-    Not ``address="auto"``: that also joins any other job's private local Ray found among the processes.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)  # (the dashboard flag only applies to a new Ray)

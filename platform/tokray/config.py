@@ -1,4 +1,8 @@
-"""One frozen config per run: printed at start, saved as config.json and inside every checkpoint."""
+"""One frozen config per run: printed at start, saved as config.json and inside every checkpoint.
+
+``TrainConfig`` is the run; ``AugmentConfig`` (a field of it) every setting of its token augmentation,
+validated here so that a recipe with a bad setting fails when it is built, before any data is read.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,95 @@ import dataclasses
 import json
 
 TASKS = ("mtm", "classify")
+# AugmentConfig.num_classes in a recipe: the classes of the dataset the run trains on, set by its task
+CLASSES_FROM_DATA = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Every setting of the token augmentation of a run (defaults: everything off)."""
+
+    # Token-EDA (SeiT): per sample, synonym replacement with eda_replace_prob, patch swap with
+    # eda_swap_prob, else nothing
+    eda_replace_prob: float = 0.0
+    eda_swap_prob: float = 0.0
+    eda_synonyms: int = 5  # synonyms per code: its most cosine-similar codes
+    eda_replace_token_prob: float = 0.25  # share of a chosen sample's tokens replaced
+    eda_swap_scale: float = 0.25  # swapped square side = int(min(h, w) * U(0, scale)) tokens
+    # colour, chosen per iteration: Emb-Noise with noise_prob, ColorAdapt with coloradapt_prob
+    noise_prob: float = 0.0
+    noise_fraction: float = 0.5  # share of the samples that get noise
+    # Emb-Noise scales are in codebook units: the codes are l2-normalised, one channel has std ~0.17
+    # (C = 32); on the CIFAR tokenizer 0.1/0.1 changes ~1/3 of a noised sample's tokens, SeiT's 1.0 all
+    noise_offset_std: float = 0.1  # per-channel offset, shared by all positions
+    noise_std: float = 0.1  # i.i.d. per-position noise
+    coloradapt_prob: float = 0.0
+    coloradapt_fraction: float = 0.5
+    # geometry of the base path (on the embedding map, bicubic, then requantized)
+    rrc_prob: float = 0.0  # random-resized crop (SeiT: 1.0); also the crop of the TokenAdapt path
+    rrc_scale: tuple = (0.08, 1.0)
+    rrc_ratio: tuple = (3 / 4, 4 / 3)
+    flip_prob: float = 0.0  # naive flip of the base path (SeiT++ flips only through TokenAdapt)
+    out_size: int = 0  # side of the output grid; 0 = the input grid
+    # TokenAdapt: the last B//2 samples go through f -> A -> g
+    tokenadapt: bool = False
+    tokenadapt_path: str = ""  # "" = the shipped CIFAR-10 weights
+    tokenadapt_flip_prob: float = 0.5
+    tokenadapt_affine_prob: float = 0.5  # rotate/translate/shear group (each op p = 0.5)
+    # mixing and targets (need labels): CutMix on both paths, Mixup in f-space (TokenAdapt path)
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_switch_prob: float = 0.5  # with both on: CutMix with this probability, else Mixup
+    label_smoothing: float = 0.0
+    num_classes: int = 0  # width of the soft targets; CLASSES_FROM_DATA: the training task sets the dataset's
+
+    def __post_init__(self):
+        probs = ("eda_replace_prob", "eda_swap_prob", "eda_replace_token_prob", "noise_prob", "noise_fraction",
+                 "coloradapt_prob", "coloradapt_fraction", "rrc_prob", "flip_prob", "tokenadapt_flip_prob",
+                 "tokenadapt_affine_prob", "mix_switch_prob", "label_smoothing")
+        for name in probs:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"augment.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.eda_replace_prob + self.eda_swap_prob > 1.0:
+            raise ValueError(f"augment.eda_replace_prob + eda_swap_prob must be <= 1 (one choice per sample), got "
+                             f"{self.eda_replace_prob} + {self.eda_swap_prob}")
+        if self.noise_prob + self.coloradapt_prob > 1.0:
+            raise ValueError(f"augment.noise_prob + coloradapt_prob must be <= 1 (one choice per iteration), got "
+                             f"{self.noise_prob} + {self.coloradapt_prob}")
+        for name in ("noise_offset_std", "noise_std", "mixup_alpha", "cutmix_alpha", "eda_swap_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
+        if self.out_size < 0:
+            raise ValueError(f"augment.out_size must be >= 0 (0 = keep the grid), got {self.out_size}")
+        if self.eda_synonyms < 1:
+            raise ValueError(f"augment.eda_synonyms must be >= 1, got {self.eda_synonyms}")
+        if self.num_classes < CLASSES_FROM_DATA:
+            raise ValueError(f"augment.num_classes must be >= 0 (or CLASSES_FROM_DATA), got {self.num_classes}")
+        if self.mixing and self.num_classes == 0:
+            raise ValueError("augment.num_classes must be set (> 0; in a recipe CLASSES_FROM_DATA) when mixup_alpha "
+                             "or cutmix_alpha is on")
+        if self.mixup_alpha > 0 and not self.tokenadapt:
+            raise ValueError("augment.mixup_alpha needs tokenadapt=True: SeiT++ mixes in TokenAdapt's f-space; mixed "
+                             "embeddings re-quantize to tokens of neither image. Use cutmix_alpha for the base path")
+        _check_pair("augment.rrc_scale", self.rrc_scale, 1e-6, 1.0)  # the crop rule's (min, max) area
+        _check_pair("augment.rrc_ratio", self.rrc_ratio, 1e-6)  # and aspect ratio
+        object.__setattr__(self, "rrc_scale", tuple(self.rrc_scale))
+        object.__setattr__(self, "rrc_ratio", tuple(self.rrc_ratio))
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any setting differs from the all-off defaults (the run then needs the codebook)."""
+        return any(getattr(self, f.name) != f.default for f in dataclasses.fields(self) if f.name != "num_classes")
+
+
+def _check_pair(name: str, pair, lo: float, hi: float | None = None) -> None:
+    if len(pair) != 2 or not lo <= pair[0] <= pair[1] or (hi is not None and pair[1] > hi):
+        bound = f" <= {hi}" if hi is not None else ""
+        raise ValueError(f"{name} must be (min, max) with {lo} <= min <= max{bound}, got {tuple(pair)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +124,7 @@ class TrainConfig:
     mix_switch_prob: float = 0.5  # with both on: chance of CutMix instead of Mixup per batch
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # classify: > 0 keeps an EMA of the weights and reports its top-1 too
-    augment: dict = dataclasses.field(default_factory=dict, hash=False)  # tokray.augment AugmentConfig fields
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)  # token augmentation (default: off)
     codebook_stem: bool = False  # SeiT: the token embedding is the tokenizer's codebook, frozen
     tokenizer: str = ""  # the tokenizer whose codebook augmentation uses; "" = the dataset's codebook file or the embedded one
     pretrain: str = ""  # classify: the MTM recipe whose checkpoint --init must come from ("" = none needed)
@@ -66,7 +159,10 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.task == "mtm" and (self.init or self.pretrain):
             raise ValueError("init/pretrain (a checkpoint to fine-tune from) apply to task 'classify', not 'mtm'")
-        if (self.mixup or self.cutmix) and (self.augment.get("mixup_alpha") or self.augment.get("cutmix_alpha")):
+        if not isinstance(self.augment, AugmentConfig):
+            raise ValueError(f"config field augment must be an AugmentConfig, got {type(self.augment).__name__}; "
+                             f"build it with tokray.config.AugmentConfig(...)")
+        if (self.mixup or self.cutmix) and self.augment.mixing:
             raise ValueError("mix in one place: either mixup/cutmix (on ids, timm) or augment.mixup_alpha/cutmix_alpha")
 
     def to_json(self) -> str:
@@ -76,4 +172,6 @@ class TrainConfig:
     def from_json(cls, text: str) -> "TrainConfig":
         d = json.loads(text)
         d["betas"] = tuple(d["betas"])
+        # configs written before augment was typed hold only the fields they set, and no num_classes
+        d["augment"] = AugmentConfig(**{"num_classes": CLASSES_FROM_DATA, **(d.get("augment") or {})})
         return cls(**d)

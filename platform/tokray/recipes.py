@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from tokray.config import TrainConfig
+from tokray.config import CLASSES_FROM_DATA, AugmentConfig, TrainConfig
 
 _RECIPES: dict[str, Callable[[], TrainConfig]] = {}
 
@@ -86,6 +86,11 @@ _SEITPP_AUG = {"rrc_prob": 1.0, "rrc_scale": (0.08, 1.0), "noise_prob": 0.75, "c
 _CIFAR_CROP = {"rrc_scale": (0.35, 1.0)}  # an 8x8 grid keeps little at 0.08 of its area
 
 
+def _aug(**settings) -> AugmentConfig:
+    """A recipe's augmentation; its soft targets get the classes of the data the run trains on."""
+    return AugmentConfig(num_classes=CLASSES_FROM_DATA, **settings)
+
+
 def _imagenet(**kw) -> TrainConfig:
     base = {"task": "classify", "model": "token_vit_base", "model_args": {"drop_path_rate": 0.1}, "batch_size": 1024,
             "weight_decay": 0.1, "betas": (0.9, 0.999), "num_workers": 8, "use_gpu": True, "ckpt_every": 2000,
@@ -103,21 +108,21 @@ def _cifar(**kw) -> TrainConfig:
 @recipe
 def seit() -> TrainConfig:
     """SeiT (ImageNet): Token-EDA + RRC 28 + Emb-Noise + CutMix, frozen codebook stem, ViT-B, 300 epochs, EMA."""
-    return _imagenet(recipe="seit", codebook_stem=True, augment={**_SEIT_AUG, "out_size": 28}, epochs=300,
+    return _imagenet(recipe="seit", codebook_stem=True, augment=_aug(**_SEIT_AUG, out_size=28), epochs=300,
                      lr=1.5e-3, min_lr=1e-5, warmup_steps=5 * _IMNET_STEPS, ema_decay=0.99996, out="runs/seit")
 
 
 @recipe
 def seit_mtm() -> TrainConfig:
     """SeiT + MTM (ImageNet): the SeiT augmentation fine-tuning an MTM encoder (--init runs/mtm_imagenet), 100 epochs."""
-    return _imagenet(recipe="seit_mtm", augment={**_SEIT_AUG, "out_size": 28}, epochs=100, lr=4e-3, min_lr=1e-6,
+    return _imagenet(recipe="seit_mtm", augment=_aug(**_SEIT_AUG, out_size=28), epochs=100, lr=4e-3, min_lr=1e-6,
                      warmup_steps=5 * _IMNET_STEPS, layer_decay=0.65, pretrain="mtm_imagenet", out="runs/seit_mtm")
 
 
 @recipe
 def seitpp_nomtm() -> TrainConfig:
     """SeiT++ without MTM (ImageNet): SeiT + TokenAdapt + ColorAdapt, 300 epochs, EMA."""
-    aug = {**_SEITPP_AUG, "eda_replace_prob": 0.25, "eda_swap_prob": 0.25, "out_size": 28}
+    aug = _aug(**_SEITPP_AUG, eda_replace_prob=0.25, eda_swap_prob=0.25, out_size=28)
     return _imagenet(recipe="seitpp_nomtm", codebook_stem=True, augment=aug, epochs=300, lr=1.5e-3, min_lr=1e-5,
                      warmup_steps=30 * _IMNET_STEPS, ema_decay=0.99996, out="runs/seitpp_nomtm")
 
@@ -125,15 +130,15 @@ def seitpp_nomtm() -> TrainConfig:
 @recipe
 def seitpp() -> TrainConfig:
     """SeiT++ (ImageNet): fine-tune the TokenAdapt-MTM encoder (--init runs/seitpp_mtm), 100 epochs, layer decay 0.65."""
-    return _imagenet(recipe="seitpp", augment={**_SEITPP_AUG, "out_size": 28}, epochs=100, lr=4e-3, min_lr=1e-6,
+    return _imagenet(recipe="seitpp", augment=_aug(**_SEITPP_AUG, out_size=28), epochs=100, lr=4e-3, min_lr=1e-6,
                      warmup_steps=5 * _IMNET_STEPS, layer_decay=0.65, pretrain="seitpp_mtm", out="runs/seitpp")
 
 
 @recipe
 def mtm_imagenet() -> TrainConfig:
     """MTM pre-training (ImageNet, ViT-B, 400 epochs) with RRC 0.2-1 on 28x28 crops, for seit_mtm."""
-    return TrainConfig(recipe="mtm_imagenet", model="mtm_base", augment={"rrc_prob": 1.0, "rrc_scale": (0.2, 1.0),
-                       "out_size": 28}, epochs=400, batch_size=4096, grad_accum=4, lr=2.4e-3, min_lr=0.0,
+    return TrainConfig(recipe="mtm_imagenet", model="mtm_base", augment=_aug(rrc_prob=1.0, rrc_scale=(0.2, 1.0),
+                       out_size=28), epochs=400, batch_size=4096, grad_accum=4, lr=2.4e-3, min_lr=0.0,
                        warmup_steps=40 * (1_281_167 // 4096), num_workers=8, use_gpu=True, ckpt_every=2000,
                        log_every=100, out="runs/mtm_imagenet")
 
@@ -142,33 +147,34 @@ def mtm_imagenet() -> TrainConfig:
 def seitpp_mtm() -> TrainConfig:
     """SeiT++ MTM pre-training (ImageNet): half the batch through TokenAdapt, the other half RRC 0.2-1, 400 epochs."""
     return dataclasses.replace(mtm_imagenet(), recipe="seitpp_mtm", out="runs/seitpp_mtm",
-                               augment={"rrc_prob": 1.0, "rrc_scale": (0.2, 1.0), "tokenadapt": True, "out_size": 28})
+                               augment=_aug(rrc_prob=1.0, rrc_scale=(0.2, 1.0), tokenadapt=True, out_size=28))
 
 
 @recipe
 def cifar_seit() -> TrainConfig:
     """SeiT on CIFAR-10 tokens: Token-EDA + RRC + Emb-Noise + CutMix, frozen codebook stem, 5 epochs."""
-    return _cifar(recipe="cifar_seit", codebook_stem=True, augment={**_SEIT_AUG, **_CIFAR_CROP}, out="runs/cifar_seit")
+    return _cifar(recipe="cifar_seit", codebook_stem=True, augment=_aug(**{**_SEIT_AUG, **_CIFAR_CROP}),
+                  out="runs/cifar_seit")
 
 
 @recipe
 def cifar_seit_mtm() -> TrainConfig:
     """SeiT + MTM on CIFAR-10: the SeiT augmentation fine-tuning a cifar_mtm encoder (--init runs/cifar_mtm)."""
-    return _cifar(recipe="cifar_seit_mtm", augment={**_SEIT_AUG, **_CIFAR_CROP}, layer_decay=0.75,
+    return _cifar(recipe="cifar_seit_mtm", augment=_aug(**{**_SEIT_AUG, **_CIFAR_CROP}), layer_decay=0.75,
                   pretrain="cifar_mtm", out="runs/cifar_seit_mtm")
 
 
 @recipe
 def cifar_seitpp_nomtm() -> TrainConfig:
     """SeiT++ without MTM on CIFAR-10: SeiT + TokenAdapt + ColorAdapt, frozen codebook stem, 5 epochs."""
-    aug = {**_SEITPP_AUG, **_CIFAR_CROP, "eda_replace_prob": 0.25, "eda_swap_prob": 0.25}
+    aug = _aug(**{**_SEITPP_AUG, **_CIFAR_CROP}, eda_replace_prob=0.25, eda_swap_prob=0.25)
     return _cifar(recipe="cifar_seitpp_nomtm", codebook_stem=True, augment=aug, out="runs/cifar_seitpp_nomtm")
 
 
 @recipe
 def cifar_seitpp() -> TrainConfig:
     """SeiT++ on CIFAR-10: fine-tune a cifar_seitpp_mtm encoder (--init runs/cifar_seitpp_mtm) with TokenAdapt + ColorAdapt."""
-    return _cifar(recipe="cifar_seitpp", augment={**_SEITPP_AUG, **_CIFAR_CROP}, layer_decay=0.75,
+    return _cifar(recipe="cifar_seitpp", augment=_aug(**{**_SEITPP_AUG, **_CIFAR_CROP}), layer_decay=0.75,
                   pretrain="cifar_seitpp_mtm", out="runs/cifar_seitpp")
 
 
@@ -176,7 +182,7 @@ def cifar_seitpp() -> TrainConfig:
 def cifar_seitpp_mtm() -> TrainConfig:
     """SeiT++ MTM on CIFAR-10: half the batch through TokenAdapt, the other half RRC 0.5-1, 3 epochs."""
     return dataclasses.replace(cifar_mtm(), recipe="cifar_seitpp_mtm", out="runs/cifar_seitpp_mtm",
-                               augment={"rrc_prob": 1.0, "rrc_scale": (0.5, 1.0), "tokenadapt": True})
+                               augment=_aug(rrc_prob=1.0, rrc_scale=(0.5, 1.0), tokenadapt=True))
 
 
 @recipe

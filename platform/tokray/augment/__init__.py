@@ -2,8 +2,8 @@
 maps with cosine requantization, TokenAdapt (f -> A -> g) and Mixup/CutMix; see ``pipeline``."""
 
 from tokray.augment.geometry import GeometrySpec, center_crop_ids, warp
-from tokray.augment.pipeline import AugmentConfig, TokenAugment, build_token_augment
+from tokray.augment.pipeline import TokenAugment, build_token_augment
 from tokray.augment.tokenadapt import load_tokenadapt, save_tokenadapt
 
-__all__ = ["AugmentConfig", "GeometrySpec", "TokenAugment", "build_token_augment", "center_crop_ids",
+__all__ = ["GeometrySpec", "TokenAugment", "build_token_augment", "center_crop_ids",
            "load_tokenadapt", "save_tokenadapt", "warp"]

@@ -11,12 +11,11 @@
 
 Everything ends as ids, as in SeiT++ (the model embeds them itself). Sample order is kept: output
 row i comes from input row i (and its mixing partner inside its half, the mirrored index).
-Defaults are all off: ``TokenAugment(AugmentConfig(), codebook, None)`` returns the ids unchanged.
+Its settings are ``tokray.config.AugmentConfig``; defaults are all off: ``TokenAugment(AugmentConfig(),
+codebook, None)`` returns the ids unchanged.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import torch
@@ -25,88 +24,21 @@ import torch.nn as nn
 from tokray.augment import ops
 from tokray.augment.geometry import GeometrySpec, center_crop_ids, warp
 from tokray.augment.tokenadapt import check_compatible, load_tokenadapt, tokenadapt_logits
+from tokray.config import AugmentConfig
 
-__all__ = ["AugmentConfig", "TokenAugment", "build_token_augment", "center_crop_ids"]
+__all__ = ["TokenAugment", "build_token_augment", "center_crop_ids"]
 
 
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Every setting of the token augmentation of a run (defaults: everything off)."""
+def base_geometry(cfg: AugmentConfig) -> GeometrySpec:
+    """The view of the base path: RRC + naive flip."""
+    return GeometrySpec(flip_prob=cfg.flip_prob, crop_prob=cfg.rrc_prob, crop_scale=tuple(cfg.rrc_scale),
+                        crop_ratio=tuple(cfg.rrc_ratio))
 
-    # Token-EDA (SeiT): per sample, synonym replacement with eda_replace_prob, patch swap with
-    # eda_swap_prob, else nothing
-    eda_replace_prob: float = 0.0
-    eda_swap_prob: float = 0.0
-    eda_synonyms: int = 5  # synonyms per code: its most cosine-similar codes
-    eda_replace_token_prob: float = 0.25  # share of a chosen sample's tokens replaced
-    eda_swap_scale: float = 0.25  # swapped square side = int(min(h, w) * U(0, scale)) tokens
-    # colour, chosen per iteration: Emb-Noise with noise_prob, ColorAdapt with coloradapt_prob
-    noise_prob: float = 0.0
-    noise_fraction: float = 0.5  # share of the samples that get noise
-    # Emb-Noise scales are in codebook units: the codes are l2-normalised, one channel has std ~0.17
-    # (C = 32); on the CIFAR tokenizer 0.1/0.1 changes ~1/3 of a noised sample's tokens, SeiT's 1.0 all
-    noise_offset_std: float = 0.1  # per-channel offset, shared by all positions
-    noise_std: float = 0.1  # i.i.d. per-position noise
-    coloradapt_prob: float = 0.0
-    coloradapt_fraction: float = 0.5
-    # geometry of the base path (on the embedding map, bicubic, then requantized)
-    rrc_prob: float = 0.0  # random-resized crop (SeiT: 1.0); also the crop of the TokenAdapt path
-    rrc_scale: tuple = (0.08, 1.0)
-    rrc_ratio: tuple = (3 / 4, 4 / 3)
-    flip_prob: float = 0.0  # naive flip of the base path (SeiT++ flips only through TokenAdapt)
-    out_size: int = 0  # side of the output grid; 0 = the input grid
-    # TokenAdapt: the last B//2 samples go through f -> A -> g
-    tokenadapt: bool = False
-    tokenadapt_path: str = ""  # "" = the shipped CIFAR-10 weights
-    tokenadapt_flip_prob: float = 0.5
-    tokenadapt_affine_prob: float = 0.5  # rotate/translate/shear group (each op p = 0.5)
-    # mixing and targets (need labels): CutMix on both paths, Mixup in f-space (TokenAdapt path)
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_switch_prob: float = 0.5  # with both on: CutMix with this probability, else Mixup
-    label_smoothing: float = 0.0
-    num_classes: int = 0
 
-    def __post_init__(self):
-        probs = ("eda_replace_prob", "eda_swap_prob", "eda_replace_token_prob", "noise_prob", "noise_fraction",
-                 "coloradapt_prob", "coloradapt_fraction", "rrc_prob", "flip_prob", "tokenadapt_flip_prob",
-                 "tokenadapt_affine_prob", "mix_switch_prob", "label_smoothing")
-        for name in probs:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"augment.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.eda_replace_prob + self.eda_swap_prob > 1.0:
-            raise ValueError(f"augment.eda_replace_prob + eda_swap_prob must be <= 1 (one choice per sample), got "
-                             f"{self.eda_replace_prob} + {self.eda_swap_prob}")
-        if self.noise_prob + self.coloradapt_prob > 1.0:
-            raise ValueError(f"augment.noise_prob + coloradapt_prob must be <= 1 (one choice per iteration), got "
-                             f"{self.noise_prob} + {self.coloradapt_prob}")
-        for name in ("noise_offset_std", "noise_std", "mixup_alpha", "cutmix_alpha", "eda_swap_scale"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
-        if self.out_size < 0:
-            raise ValueError(f"augment.out_size must be >= 0 (0 = keep the grid), got {self.out_size}")
-        if self.eda_synonyms < 1:
-            raise ValueError(f"augment.eda_synonyms must be >= 1, got {self.eda_synonyms}")
-        if self.mixing and self.num_classes <= 0:
-            raise ValueError("augment.num_classes must be set (> 0) when mixup_alpha or cutmix_alpha is on")
-        if self.mixup_alpha > 0 and not self.tokenadapt:
-            raise ValueError("augment.mixup_alpha needs tokenadapt=True: SeiT++ mixes in TokenAdapt's f-space; mixed "
-                             "embeddings re-quantize to tokens of neither image. Use cutmix_alpha for the base path")
-        self.base_geometry()  # validates rrc_scale / rrc_ratio
-        object.__setattr__(self, "rrc_scale", tuple(self.rrc_scale))
-        object.__setattr__(self, "rrc_ratio", tuple(self.rrc_ratio))
-
-    @property
-    def mixing(self) -> bool:
-        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
-
-    def base_geometry(self) -> GeometrySpec:
-        return GeometrySpec(flip_prob=self.flip_prob, crop_prob=self.rrc_prob, crop_scale=tuple(self.rrc_scale),
-                            crop_ratio=tuple(self.rrc_ratio))
-
-    def tokenadapt_geometry(self) -> GeometrySpec:
-        return GeometrySpec(flip_prob=self.tokenadapt_flip_prob, affine_prob=self.tokenadapt_affine_prob,
-                            crop_prob=self.rrc_prob, crop_scale=tuple(self.rrc_scale), crop_ratio=tuple(self.rrc_ratio))
+def tokenadapt_geometry(cfg: AugmentConfig) -> GeometrySpec:
+    """The view of the TokenAdapt path: flip, the affine group and the same crop, in f-space."""
+    return GeometrySpec(flip_prob=cfg.tokenadapt_flip_prob, affine_prob=cfg.tokenadapt_affine_prob,
+                        crop_prob=cfg.rrc_prob, crop_scale=tuple(cfg.rrc_scale), crop_ratio=tuple(cfg.rrc_ratio))
 
 
 class TokenAugment(nn.Module):
@@ -131,8 +63,8 @@ class TokenAugment(nn.Module):
         if cfg.tokenadapt:
             check_compatible(tokenadapt, codebook)
             self.tokenadapt = tokenadapt.eval().requires_grad_(False)
-        self.base_geometry = cfg.base_geometry()
-        self.tokenadapt_geometry = cfg.tokenadapt_geometry()
+        self.base_geometry = base_geometry(cfg)
+        self.tokenadapt_geometry = tokenadapt_geometry(cfg)
 
     def train(self, mode: bool = True):  # TokenAdapt stays frozen in eval mode
         super().train(mode)

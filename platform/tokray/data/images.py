@@ -1,7 +1,7 @@
 """Image sources: a tar, a folder or an s3:// prefix laid out ``<anything>/<class>/<file>``.
 
 Class = the name of a file's parent folder; label = its index among the sorted class names;
-member order (and so the stable sample id) = sorted member path.
+member order (and so the stable sample id) = sorted member path. Splits: ``tokray.data.splits``.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class ImageSource:
         return self._tar_index
 
     def _s3(self):
-        from tokray.storage.stores import S3Store
+        from tokray.storage.s3 import S3Store
 
         return S3Store(parse_uri(self.uri)).fs
 
@@ -127,17 +127,6 @@ def decode_many(source: ImageSource, indices, size: int) -> tuple[np.ndarray, np
     indices = np.asarray(indices, dtype=np.int64)
     pixels, valid = decode_batch(source, indices, size)
     return pixels[valid], indices[valid], [source.members[int(i)] for i in indices[~valid]]
-
-
-def validation_split(labels: np.ndarray, per_class: int = 500, seed: int = 0) -> np.ndarray:
-    """Boolean mask of a stratified validation split: ``per_class`` images of each class, seeded."""
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        take = min(per_class, max(1, len(idx) // 10)) if len(idx) < 2 * per_class else per_class
-        mask[rng.choice(idx, take, replace=False)] = True
-    return mask
 
 
 def iter_indices(n: int, chunk: int) -> Iterator[range]:

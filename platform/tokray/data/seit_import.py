@@ -25,7 +25,8 @@ from typing import Iterator
 import numpy as np
 
 from tokray.storage.dataset import DatasetWriter
-from tokray.storage.manifest import DatasetMeta, Manifest
+from tokray.storage.formats.tokens import TokenMeta
+from tokray.storage.manifest import Manifest
 
 ESCAPE = 255
 MAX_ID = 2 * ESCAPE  # escape + a second byte of 255
@@ -228,7 +229,7 @@ def import_seit(data_path: str, labels_path: str, codebook_path: str, dst_uri, g
     h, w = (int(x) for x in grid)
     k, d = src.codebook.shape
     digest = hashlib.sha256(src.codebook.numpy().astype("<f4").tobytes()).hexdigest()[:16]
-    meta = DatasetMeta(grid=(h, w), codebook_size=k,
+    meta = TokenMeta(grid=(h, w), codebook_size=k,
                        class_names=_class_names(class_names, int(src.labels.max(initial=0)) + 1),
                        tokenizer=f"seit-codebook:{digest}", shard_rows=shard_rows,
                        extra={"source": "seit", "codebook_shape": [k, d]})

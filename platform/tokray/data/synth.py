@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tokray.storage.manifest import DatasetMeta
+from tokray.storage.formats.tokens import TokenMeta
 
 
 def _upsample_matrix(out: int, inp: int) -> np.ndarray:
@@ -43,8 +43,8 @@ class SynthTokens:
     def _smooth(self, low: np.ndarray) -> np.ndarray:
         return np.einsum("hi,nij,wj->nhw", self._uh, low, self._uw)
 
-    def meta(self, shard_rows: int) -> DatasetMeta:
-        return DatasetMeta(grid=self.grid, codebook_size=self.codebook_size,
+    def meta(self, shard_rows: int) -> TokenMeta:
+        return TokenMeta(grid=self.grid, codebook_size=self.codebook_size,
                            class_names=tuple(f"class{c}" for c in range(self.num_classes)),
                            tokenizer=f"synthetic:seed={self.seed}", shard_rows=shard_rows,
                            extra={"source": "synthetic"})

@@ -16,19 +16,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from tokray.data.images import ImageSource, decode_batch, validation_split
+from tokray.data.images import ImageSource, decode_batch
+from tokray.data.splits import SPLITS, split_indices
+from tokray.data.tokenizer import encode_pixels, load_tokenizer
 from tokray.devices import has_accelerator, local_device
 from tokray.storage.dataset import DatasetWriter
-from tokray.storage.manifest import DatasetMeta, Manifest
+from tokray.storage.formats.tokens import TokenMeta
+from tokray.storage.manifest import Manifest
 
 log = logging.getLogger(__name__)
-
-
-def require_same_tokenizer(meta: DatasetMeta, fingerprint: str, where: str = "") -> None:
-    """Ids are only meaningful with the tokenizer that made them; refuse any other."""
-    if meta.tokenizer != fingerprint:
-        raise ValueError(f"{where or 'dataset'} was tokenized by tokenizer {meta.tokenizer}, but tokenizer "
-                         f"{fingerprint} was given; use the dataset's own tokenizer or re-tokenize the images")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,17 +41,8 @@ class TokenizeJob:
     max_images: int = 0
 
     def __post_init__(self):
-        if self.split not in ("all", "train", "val"):
+        if self.split not in SPLITS:
             raise ValueError(f"split must be all, train or val, got {self.split!r}")
-
-
-def select_indices(src: ImageSource, job: TokenizeJob) -> np.ndarray:
-    if job.split == "all":
-        idx = np.arange(len(src))
-    else:
-        val = validation_split(src.labels, job.val_per_class, job.split_seed)
-        idx = np.flatnonzero(val if job.split == "val" else ~val)
-    return idx[: job.max_images] if job.max_images else idx
 
 
 class DecodeImages:
@@ -78,8 +65,6 @@ class TokenizeActor:
     def __init__(self, tokenizer_path: str, num_actors: int = 1):
         import os
 
-        from tokray.train.tokenizer import load_tokenizer
-
         self.device = local_device()
         if self.device.type == "cpu":  # Ray pins workers to 1 thread; the encoder is the heavy stage
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // num_actors))
@@ -88,14 +73,6 @@ class TokenizeActor:
 
     def __call__(self, batch: dict) -> dict:
         return {"index": batch["index"], "valid": batch["valid"], "ids": encode_pixels(self.model, batch["pixels"], self.device)}
-
-
-@torch.no_grad()
-def encode_pixels(model, pixels: np.ndarray, device) -> np.ndarray:
-    from tokray.train.tokenizer import to_unit
-
-    x = to_unit(pixels).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    return model.encode(x).to(torch.int32).cpu().numpy().astype(np.uint16)
 
 
 def _ray_batches(job: TokenizeJob, src: ImageSource, todo: np.ndarray, size: int) -> Iterator[dict]:
@@ -116,8 +93,6 @@ def _ray_batches(job: TokenizeJob, src: ImageSource, todo: np.ndarray, size: int
 
 
 def _inprocess_batches(job: TokenizeJob, src: ImageSource, todo: np.ndarray, size: int) -> Iterator[dict]:
-    from tokray.train.tokenizer import load_tokenizer
-
     device = local_device()
     model, _ = load_tokenizer(job.tokenizer)
     model.to(device)
@@ -129,16 +104,14 @@ def _inprocess_batches(job: TokenizeJob, src: ImageSource, todo: np.ndarray, siz
 
 def tokenize(job: TokenizeJob, use_ray: bool = True, overwrite: bool = False, progress=None) -> dict:
     """Tokenize ``job.images`` into ``job.dst``; returns counts, skipped files and throughput."""
-    from tokray.train.tokenizer import load_tokenizer
-
     model, info = load_tokenizer(job.tokenizer)  # fail early, on the driver, on a bad tokenizer path
     src = ImageSource(job.images)
-    indices = select_indices(src, job)
-    meta = DatasetMeta(grid=model.grid, codebook_size=model.codebook_size, class_names=src.class_names,
-                       tokenizer=info["fingerprint"], shard_rows=job.shard_rows,
-                       extra={"source": src.uri.rstrip("/").rsplit("/", 1)[-1], "split": job.split,
-                              "val_per_class": job.val_per_class, "split_seed": job.split_seed,
-                              "jpeg_bytes": src.file_bytes(indices), "images": int(len(indices))})
+    indices = split_indices(src.labels, job.split, job.val_per_class, job.split_seed, job.max_images)
+    meta = TokenMeta(grid=model.grid, codebook_size=model.codebook_size, class_names=src.class_names,
+                     tokenizer=info["fingerprint"], shard_rows=job.shard_rows,
+                     extra={"source": src.uri.rstrip("/").rsplit("/", 1)[-1], "split": job.split,
+                            "val_per_class": job.val_per_class, "split_seed": job.split_seed,
+                            "jpeg_bytes": src.file_bytes(indices), "images": int(len(indices))})
     writer = DatasetWriter(job.dst, meta, overwrite=overwrite)
     num_shards = -(-len(indices) // job.shard_rows)
     pending = [s for s in range(num_shards) if not writer.shard_done(s)]

@@ -12,10 +12,9 @@ import re
 
 import numpy as np
 
-from tokray.storage import codec
-from tokray.storage.dataset import DatasetWriter, TokenDataset, open_dataset
+from tokray.storage.dataset import Dataset, DatasetWriter, open_dataset
 from tokray.storage.manifest import Manifest
-from tokray.storage.stores import MemoryStore
+from tokray.storage.memory import MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -70,27 +69,27 @@ def _selection(order: list[np.ndarray], counts: np.ndarray) -> np.ndarray:
     return np.sort(np.concatenate([o[:k] for o, k in zip(order, counts)]))
 
 
-def _positions(ds: TokenDataset) -> tuple[np.ndarray, np.ndarray]:
+def _positions(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     labels = ds.labels()
     starts = np.cumsum([0] + [s.rows for s in ds.manifest.shards])
     return labels, starts
 
 
-def _iter_selected(ds: TokenDataset, selected: np.ndarray, starts: np.ndarray):
+def _iter_selected(ds: Dataset, selected: np.ndarray, starts: np.ndarray):
+    """The selected rows (positions in the dataset), shard by shard, as tables of the dataset's format."""
     for i in range(len(ds.manifest.shards)):
         rows = selected[(selected >= starts[i]) & (selected < starts[i + 1])] - starts[i]
         if len(rows):
-            b = codec.table_to_numpy(ds.read_shard(i).take(rows))
-            yield b[codec.IDS], b[codec.LABEL], b[codec.SAMPLE_ID]
+            yield ds.read_shard(i).take(rows)
 
 
-def _estimated_bytes(ds: TokenDataset, selected: np.ndarray, starts: np.ndarray, meta) -> int:
+def _estimated_bytes(ds: Dataset, selected: np.ndarray, starts: np.ndarray, meta) -> int:
     """Bytes the subset would take on a file store: the real writer, into memory."""
     writer = DatasetWriter("<memory>", meta, store=MemoryStore())
     for name in ds.manifest.files:
         writer.add_file(name, ds.read_file(name))
     for part in _iter_selected(ds, selected, starts):
-        writer.write(*part)
+        writer.write_table(part)
     return writer.finish().store_bytes
 
 
@@ -125,7 +124,7 @@ def make_subset(src, dst, budget: Budget, seed: int = 0, overwrite: bool = False
         for name in ds.manifest.files:
             writer.add_file(name, ds.read_file(name))
         for part in _iter_selected(ds, selected, starts):
-            writer.write(*part)
+            writer.write_table(part)
         manifest = writer.finish()
         if limit is None or manifest.store_bytes <= limit:
             manifest = writer.commit(manifest)

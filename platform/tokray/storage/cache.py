@@ -14,7 +14,7 @@ import os
 import uuid
 from typing import Callable
 
-from tokray.storage import codec
+from tokray.storage.stores import sha256
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ShardCache:
             return data
         self.misses += 1
         data = fetch()
-        actual = codec.sha256(data)
+        actual = sha256(data)
         if actual != digest:  # never cache (or return) bytes that do not match their address
             raise on_corrupt(actual) if on_corrupt else ValueError(f"cache insert: sha256 {actual} != {digest}")
         self._insert(digest, data)
@@ -84,7 +84,7 @@ class ShardCache:
                 data = f.read()
         except FileNotFoundError:
             return None
-        if codec.sha256(data) != digest:
+        if sha256(data) != digest:
             log.warning("cache entry %s is corrupt on local disk; dropping it and re-fetching", path)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)

@@ -1,4 +1,8 @@
-"""Token datasets on any store: open, read (verified), write (streamed, resumable), copy, verify."""
+"""Datasets of any record kind on any store: open, read (verified), write (streamed, resumable), copy, verify.
+
+Written once for every kind: the manifest's metadata names the record format
+(``tokray.storage.formats``), which turns tables into shard bytes and back.
+"""
 
 from __future__ import annotations
 
@@ -10,52 +14,49 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from tokray.storage import codec
 from tokray.storage.cache import ShardCache
-from tokray.storage.manifest import MANIFEST_NAME, PROGRESS_NAME, DatasetMeta, Manifest, ShardInfo
-from tokray.storage.stores import LMDBStore, ShardChecksumError, Store, open_store
+from tokray.storage.formats import LABEL, format_of
+from tokray.storage.lmdbstore import LMDBStore
+from tokray.storage.manifest import MANIFEST_NAME, PROGRESS_NAME, Manifest, ShardInfo, meta_from_json, meta_to_json
+from tokray.storage.stores import ShardChecksumError, Store, open_store, sha256
 
 log = logging.getLogger(__name__)
 
+RESERVED_NAMES = (MANIFEST_NAME, PROGRESS_NAME)
 
-class ShardedDataset:
-    """A complete dataset on a store (its manifest exists): token datasets here, pixel datasets in
-    tokray.data.pixels. Subclasses read (and verify) one shard in ``read_shard``."""
 
-    def __init__(self, store: Store, manifest):
+class Dataset:
+    """A complete dataset (its manifest exists). Every shard read is checked against its sha256."""
+
+    def __init__(self, store: Store, manifest: Manifest):
         self.store = store
         self.manifest = manifest
+        self.format = format_of(manifest.meta)
 
     @property
     def uri(self) -> str:
         return str(self.store.uri)
 
+    @property
+    def meta(self):
+        return self.manifest.meta
+
     def __len__(self) -> int:
         return self.manifest.num_samples
+
+    def read_shard(self, i: int, columns: list[str] | None = None) -> pa.Table:
+        return self.store.read_shard(self.manifest.shards[i], self.format, self.meta, columns)
 
     def iter_tables(self, shard_indices=None) -> Iterator[pa.Table]:
         for i in (range(len(self.manifest.shards)) if shard_indices is None else shard_indices):
             yield self.read_shard(i)
 
-
-class TokenDataset(ShardedDataset):
-    """A complete token dataset. Every shard read is checked against its sha256."""
-
-    @property
-    def meta(self) -> DatasetMeta:
-        return self.manifest.meta
-
-    def read_shard(self, i: int, columns: list[str] | None = None) -> pa.Table:
-        return self.store.read_shard(self.manifest.shards[i], columns)
-
     def iter_batches(self, batch_size: int = 1024) -> Iterator[dict[str, np.ndarray]]:
-        """Plain in-process iterator of numpy dicts {ids [B, h, w] uint16, label, sample_id}."""
-        h, w = self.meta.grid
+        """Plain in-process iterator of numpy dicts: tokens {ids [B, h, w] uint16, label, sample_id},
+        pixels {pixels [B, s, s, 3] uint8, label, sample_id}."""
         for table in self.iter_tables():
             for start in range(0, table.num_rows, batch_size):
-                b = codec.table_to_numpy(table.slice(start, batch_size))
-                b[codec.IDS] = b[codec.IDS].reshape(-1, h, w)
-                yield b
+                yield self.format.to_numpy(self.meta, table.slice(start, batch_size))
 
     def read_file(self, name: str) -> bytes:
         """A side file of the dataset (e.g. its codebook), checked against its recorded sha256."""
@@ -65,21 +66,22 @@ class TokenDataset(ShardedDataset):
         if data is None:
             raise FileNotFoundError(f"{self.uri}: {name} is in the manifest but missing from the store")
         want = self.manifest.files[name]["sha256"]
-        if codec.sha256(data) != want:
-            raise ShardChecksumError(self.uri, name, want, codec.sha256(data))
+        if sha256(data) != want:
+            raise ShardChecksumError(self.uri, name, want, sha256(data))
         return data
 
     def labels(self) -> np.ndarray:
-        return np.concatenate([t.column(codec.LABEL).to_numpy() for t in
-                               (self.read_shard(i, [codec.LABEL]) for i in range(len(self.manifest.shards)))])
+        return np.concatenate([self.read_shard(i, [LABEL]).column(LABEL).to_numpy()
+                               for i in range(len(self.manifest.shards))])
 
     def get(self, sample_id: int) -> tuple[np.ndarray, int]:
-        """(ids [h, w], label) of one sample; LMDB stores only."""
+        """(payload, label) of one sample: tokens (ids [h, w], label), pixels (uint8 [s, s, 3], label);
+        LMDB stores only."""
         if not isinstance(self.store, LMDBStore):
             raise ValueError(f"random access by sample id needs an LMDB store; {self.uri} is not one. "
                              f"Copy it: `python jobs/dataset.py copy {self.uri} lmdb:///path/to/env`")
-        ids, label = self.store.get(sample_id, self.manifest.shards)
-        return ids.reshape(self.meta.grid), label
+        one = self.store.get(sample_id, self.manifest.shards, self.format, self.meta)
+        return one[self.format.payload_key][0], int(one[LABEL][0])
 
     def verify(self, on_shard=None) -> list[str]:
         """Check every shard; return one line per problem (empty when the dataset is intact)."""
@@ -88,7 +90,7 @@ class TokenDataset(ShardedDataset):
             if on_shard:
                 on_shard()
             try:
-                table = self.store.read_shard(info)
+                table = self.store.read_shard(info, self.format, self.meta)
                 if table.num_rows != info.rows:
                     problems.append(f"{info.path}: {table.num_rows} rows, manifest says {info.rows}")
             except ShardChecksumError as e:
@@ -100,7 +102,8 @@ class TokenDataset(ShardedDataset):
         return problems
 
 
-def open_dataset(uri, cache: ShardCache | None = None) -> TokenDataset:
+def open_dataset(uri, cache: ShardCache | None = None) -> Dataset:
+    """The complete dataset at ``uri``, of any record kind (tokens, pixels)."""
     store = open_store(uri, cache=cache)
     store.check(for_write=False)
     data = store.read_meta(MANIFEST_NAME)
@@ -109,32 +112,35 @@ def open_dataset(uri, cache: ShardCache | None = None) -> TokenDataset:
         why = ("an interrupted write is there (no manifest yet); rerun the same command to resume it"
                if partial else "no manifest.json there")
         raise FileNotFoundError(
-            f"no complete token dataset at {store.uri}: {why}. Create one with "
+            f"no complete dataset at {store.uri}: {why}. Create one with "
             f"`python jobs/dataset.py synth {store.uri}` or copy one there with `python jobs/dataset.py copy`.")
-    return TokenDataset(store, Manifest.loads(data, str(store.uri)))
+    return Dataset(store, Manifest.loads(data, str(store.uri)))
 
 
 class DatasetWriter:
     """Streams records into shards of ``meta.shard_rows`` rows; the manifest is written last.
 
-    Memory is one shard's rows. Each finished shard is recorded in ``_progress.json``; a rerun
-    with the same meta skips shards that are already on the store with the right digest
-    (``shard_done``), so callers can also skip producing them. Use as a context manager: an
-    exception leaves the progress (for resume) and no manifest.
+    ``meta`` (TokenMeta, PixelMeta, ...) fixes the record format. Memory is one shard's rows. Each
+    finished shard is recorded in ``_progress.json``; a rerun with the same meta skips shards that
+    are already on the store with the right digest (``shard_done``), so callers can also skip
+    producing them. ``overwrite`` clears whatever is there first: a complete dataset or an
+    interrupted write. Use as a context manager: an exception leaves the progress (for resume) and
+    no manifest.
     """
 
-    def __init__(self, uri, meta: DatasetMeta, overwrite: bool = False, store: Store | None = None):
+    def __init__(self, uri, meta, overwrite: bool = False, store: Store | None = None):
         self.store = store if store is not None else open_store(uri)
         self.meta = meta
+        self.format = format_of(meta)
         self.store.check(for_write=True)
-        if self.store.read_meta(MANIFEST_NAME) is not None:
-            if not overwrite:
-                raise FileExistsError(f"a dataset already exists at {self.store.uri}; choose another "
-                                      "destination or pass --overwrite to replace it")
+        if overwrite and self.store.exists():
             self.store.clear()
+        elif self.store.read_meta(MANIFEST_NAME) is not None:
+            raise FileExistsError(f"a dataset already exists at {self.store.uri}; choose another "
+                                  "destination or pass --overwrite to replace it")
         self.files: dict[str, dict] = {}
         self.done: dict[int, ShardInfo] = self._resumable_shards()
-        self._buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buf: list[pa.Table] = []
         self._buffered = 0
         self._next = 0
         self.manifest: Manifest | None = None  # set by close()
@@ -148,11 +154,11 @@ class DatasetWriter:
             return {}
         progress = json.loads(data)
         self.files = dict(progress.get("files", {}))
-        previous = DatasetMeta.from_json(progress["meta"])
-        if previous != self.meta:
+        previous = meta_from_json(progress["meta"], str(self.store.uri))
+        if previous != self.meta or type(previous) is not type(self.meta):
             raise ValueError(
-                f"{self.store.uri} holds an interrupted write with other settings ({previous.to_json()} vs "
-                f"{self.meta.to_json()}); rerun with the same settings to resume, or --overwrite to start over")
+                f"{self.store.uri} holds an interrupted write with other settings ({meta_to_json(previous)} vs "
+                f"{meta_to_json(self.meta)}); rerun with the same settings to resume, or --overwrite to start over")
         done = {}
         for i, s in progress["shards"].items():
             info = ShardInfo(**s)
@@ -174,42 +180,50 @@ class DatasetWriter:
 
     def add_file(self, name: str, data: bytes) -> None:
         """Store a side file (e.g. a codebook) with the dataset; listed and digested in the manifest."""
-        if name in ("manifest.json", "_progress.json") or name.endswith(".parquet") or "/" in name:
+        if name in RESERVED_NAMES or name.endswith(".parquet") or "/" in name:
             raise ValueError(f"side file name {name!r} is reserved or not a plain name")
         self.store.write_meta(name, data)
-        self.files[name] = {"bytes": len(data), "sha256": codec.sha256(data)}
+        self.files[name] = {"bytes": len(data), "sha256": sha256(data)}
         self._save_progress()
 
-    def write(self, ids: np.ndarray, labels: np.ndarray, sample_ids: np.ndarray) -> None:
-        """Append records in order; full shards are flushed as they fill."""
-        self._buf.append((np.asarray(ids), np.asarray(labels), np.asarray(sample_ids)))
-        self._buffered += len(ids)
+    def write(self, *columns) -> None:
+        """Append records (the format's columns, e.g. ids, labels, sample ids) in order."""
+        self.write_table(self.format.records_to_table(self.meta, *columns))
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append a table of the format's schema in order; full shards are flushed as they fill."""
+        self._buf.append(table)
+        self._buffered += table.num_rows
         while self._buffered >= self.meta.shard_rows:
             self._flush(self.meta.shard_rows)
 
     def _flush(self, rows: int) -> None:
-        parts = [np.concatenate(x) for x in zip(*self._buf)]
-        head, tail = [p[:rows] for p in parts], [p[rows:] for p in parts]
-        self._buf = [tuple(tail)] if len(tail[0]) else []
-        self._buffered = len(tail[0])
-        self.write_shard(self._next, *head)
+        table = pa.concat_tables(self._buf) if len(self._buf) > 1 else self._buf[0]
+        head, tail = table.slice(0, rows), table.slice(rows)
+        self._buf = [tail] if tail.num_rows else []
+        self._buffered = tail.num_rows
+        self.write_shard_table(self._next, head)
         self._next += 1
 
-    def write_shard(self, index: int, ids, labels, sample_ids) -> ShardInfo:
+    def write_shard(self, index: int, *columns) -> ShardInfo:
+        """Write shard ``index`` from the format's columns (skipped when already there, intact)."""
+        return self.write_shard_table(index, self.format.records_to_table(self.meta, *columns))
+
+    def write_shard_table(self, index: int, table: pa.Table) -> ShardInfo:
         """Write shard ``index`` (skipped when the same rows are already there, intact)."""
         prev = self.done.get(index)
-        sids = np.asarray(sample_ids)
-        if prev and prev.rows == len(sids) and prev.first_sample_id == sids[0] and prev.last_sample_id == sids[-1]:
+        sids = table.column("sample_id")
+        if prev and prev.rows == table.num_rows and table.num_rows and \
+                prev.first_sample_id == sids[0].as_py() and prev.last_sample_id == sids[-1].as_py():
             return prev
-        if self.meta.codebook_size <= int(np.max(ids)):
-            raise ValueError(f"token id {int(np.max(ids))} is outside the codebook (size {self.meta.codebook_size})")
-        info = self.store.write_shard(index, codec.records_to_table(ids, labels, sids))
+        self.format.check_table(self.meta, table)
+        info = self.store.write_shard(index, table.combine_chunks(), self.format)
         self.done[index] = info
         self._save_progress()
         return info
 
     def _save_progress(self) -> None:
-        progress = {"meta": self.meta.to_json(), "files": self.files,
+        progress = {"meta": meta_to_json(self.meta), "files": self.files,
                     "shards": {str(i): dataclasses.asdict(s) for i, s in sorted(self.done.items())}}
         self.store.write_meta(PROGRESS_NAME, json.dumps(progress).encode())
 
@@ -260,8 +274,7 @@ def copy_dataset(src, dst, overwrite: bool = False, progress=None) -> Manifest:
             writer.add_file(name, source.read_file(name))
         for i in range(len(source.manifest.shards)):
             if not writer.shard_done(i):
-                b = codec.table_to_numpy(source.read_shard(i))
-                writer.write_shard(i, b[codec.IDS], b[codec.LABEL], b[codec.SAMPLE_ID])
+                writer.write_shard_table(i, source.read_shard(i))
             if progress:
                 progress(1)
         return writer.close(num_shards=len(source.manifest.shards))

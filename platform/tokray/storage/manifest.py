@@ -1,10 +1,16 @@
-"""The dataset manifest: what a token dataset is, and the digest of every shard."""
+"""The dataset manifest: what a dataset is (its record kind and settings) and the digest of every shard.
+
+One manifest type for every record kind: ``kind`` (``tokray.tokens``, ``tokray.pixels``) picks the
+format whose metadata type reads the settings (``tokray.storage.formats``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from typing import Any
+
+from tokray.storage.formats import format_for_kind, format_of
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -21,51 +27,30 @@ class ShardInfo:
     last_sample_id: int
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetMeta:
-    """What every shard of a dataset shares; fixed before the first shard is written."""
+def meta_to_json(meta) -> dict:
+    return {"kind": format_of(meta).manifest_kind, **meta.to_json()}
 
-    grid: tuple[int, int]
-    codebook_size: int
-    class_names: tuple[str, ...]
-    tokenizer: str  # tokenizer fingerprint ("synthetic:..." for generated data)
-    shard_rows: int
-    extra: dict = dataclasses.field(default_factory=dict, hash=False)
 
-    def __post_init__(self):
-        h, w = self.grid
-        if h <= 0 or w <= 0:
-            raise ValueError(f"grid must be positive, got {self.grid}")
-        if not 2 <= self.codebook_size <= 65536:
-            raise ValueError(f"codebook_size {self.codebook_size} must be in [2, 65536] to fit uint16 ids")
-        if self.shard_rows <= 0:
-            raise ValueError(f"shard_rows must be positive, got {self.shard_rows}")
-        if not self.class_names:
-            raise ValueError("class_names must name at least one class")
-
-    @property
-    def tokens_per_sample(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    def to_json(self) -> dict:
-        return {"grid": list(self.grid), "codebook_size": self.codebook_size,
-                "class_names": list(self.class_names), "tokenizer": self.tokenizer,
-                "shard_rows": self.shard_rows, "extra": self.extra}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "DatasetMeta":
-        return cls(grid=tuple(d["grid"]), codebook_size=int(d["codebook_size"]),
-                   class_names=tuple(d["class_names"]), tokenizer=d["tokenizer"],
-                   shard_rows=int(d["shard_rows"]), extra=dict(d.get("extra", {})))
+def meta_from_json(d: dict, where: str = ""):
+    """The metadata object of a manifest or progress record (dispatching on its ``kind``)."""
+    return format_for_kind(d.get("kind", "tokray.tokens"), where).meta_type.from_json(d)
 
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
-    meta: DatasetMeta
+    meta: Any  # the record format's metadata (TokenMeta, PixelMeta)
     num_samples: int
     shards: tuple[ShardInfo, ...]
     store_bytes: int = 0  # bytes the whole dataset occupies on its store, manifest included
     files: dict = dataclasses.field(default_factory=dict, hash=False)  # side files: name -> {bytes, sha256}
+
+    @property
+    def kind(self) -> str:
+        return self.meta.kind
+
+    @property
+    def format(self):
+        return format_of(self.meta)
 
     @property
     def shard_bytes(self) -> int:
@@ -76,7 +61,7 @@ class Manifest:
         return sum(f["bytes"] for f in self.files.values())
 
     def to_json(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "kind": "tokray.tokens", **self.meta.to_json(),
+        return {"format_version": FORMAT_VERSION, **meta_to_json(self.meta),
                 "num_samples": self.num_samples, "shard_bytes": self.shard_bytes,
                 "store_bytes": self.store_bytes, "files": self.files,
                 "shards": [dataclasses.asdict(s) for s in self.shards]}
@@ -98,7 +83,7 @@ class Manifest:
                              "version or upgrade tokray.")
         try:
             shards = tuple(ShardInfo(**s) for s in d["shards"])
-            manifest = cls(meta=DatasetMeta.from_json(d), num_samples=int(d["num_samples"]),
+            manifest = cls(meta=meta_from_json(d, where), num_samples=int(d["num_samples"]),
                            shards=shards, store_bytes=int(d.get("store_bytes", 0)), files=dict(d.get("files", {})))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{where}: manifest.json is missing or has a malformed field ({e!r})") from e

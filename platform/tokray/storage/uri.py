@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Literal
 from urllib.parse import urlparse
 
-Scheme = Literal["local", "s3", "lmdb"]
+Scheme = str  # "local", "lmdb", or one of BUCKET_SCHEMES
+
+# object stores addressed as scheme://bucket/prefix (a new one: add it here and in stores.BACKENDS)
+BUCKET_SCHEMES = ("s3",)
 
 URI_FORMS = "a local path or file:///abs/path, s3://bucket/prefix, or lmdb:///abs/path"
 
@@ -21,15 +23,15 @@ class StoreURI:
     bucket: str = ""
 
     def __str__(self) -> str:
-        if self.scheme == "s3":
-            return f"s3://{self.bucket}/{self.path}".rstrip("/")
+        if self.scheme in BUCKET_SCHEMES:
+            return f"{self.scheme}://{self.bucket}/{self.path}".rstrip("/")
         if self.scheme == "lmdb":
             return f"lmdb://{self.path}"
         return self.path
 
     def child(self, name: str) -> str:
         """Address of an object inside this location (path for local/lmdb, key for S3)."""
-        if self.scheme == "s3":
+        if self.scheme in BUCKET_SCHEMES:
             return f"{self.path}/{name}" if self.path else name
         return os.path.join(self.path, name)
 
@@ -56,16 +58,16 @@ def parse_uri(uri: "str | os.PathLike | StoreURI") -> StoreURI:
             raise ValueError(
                 f"malformed store URI {text!r}: LMDB URIs are lmdb:///abs/path/to/env (three slashes, absolute path)")
         return StoreURI("lmdb", os.path.abspath(parsed.path))
-    if scheme == "s3":
+    if scheme in BUCKET_SCHEMES:
         bucket = parsed.netloc
         if not bucket or not _valid_bucket(bucket):
             raise ValueError(
-                f"malformed store URI {text!r}: {bucket!r} is not a valid S3 bucket name "
-                "(3-63 chars of a-z, 0-9, '.', '-'); expected s3://bucket/prefix")
+                f"malformed store URI {text!r}: {bucket!r} is not a valid {scheme.upper()} bucket name "
+                f"(3-63 chars of a-z, 0-9, '.', '-'); expected {scheme}://bucket/prefix")
         if parsed.query or parsed.params or parsed.fragment:
-            raise ValueError(f"malformed store URI {text!r}: S3 URIs take no query or fragment; "
+            raise ValueError(f"malformed store URI {text!r}: {scheme.upper()} URIs take no query or fragment; "
                              "set the endpoint with AWS_ENDPOINT_URL")
-        return StoreURI("s3", parsed.path.strip("/"), bucket=bucket)
+        return StoreURI(scheme, parsed.path.strip("/"), bucket=bucket)
     raise ValueError(f"malformed store URI {text!r}: unknown scheme {scheme!r}; expected {URI_FORMS}")
 
 

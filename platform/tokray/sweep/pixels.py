@@ -16,10 +16,11 @@ log = logging.getLogger(__name__)
 
 def _pixel_set(images: str, uri: str, size: int, quality: int, **kw) -> dict:
     """Open a finished pixel set, or write it (resumable)."""
-    from tokray.data.pixels import open_pixel_dataset, write_pixel_dataset
+    from tokray.data.pixels import write_pixel_dataset
+    from tokray.storage.dataset import open_dataset
 
     try:
-        m = open_pixel_dataset(uri).meta
+        m = open_dataset(uri).manifest
         return {"samples": m.num_samples, "store_bytes": m.store_bytes}
     except FileNotFoundError:
         return write_pixel_dataset(images, uri, size=size, quality=quality, **kw)

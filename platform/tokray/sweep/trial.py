@@ -16,20 +16,20 @@ def run_trial(params: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from tokray.cli import setup_logging
     from tokray.recipes import get_recipe
+    from tokray.runtime import setup_logging
     from tokray.sweep.plan import SweepConfig, run_overrides
     from tokray.train.launch import fit, prepare
 
     setup_logging()
     sweep = SweepConfig(**params["sweep"])
-    cfg = get_recipe(params["recipe"], **run_overrides(sweep, params))
-    cfg, inputs, _ = prepare(cfg, resume=True)
-    metrics = _finished_metrics(cfg, inputs)
+    plan = prepare(get_recipe(params["recipe"], **run_overrides(sweep, params)), resume=True)
+    cfg = plan.config
+    metrics = _finished_metrics(plan)
     if metrics is not None:
         log.info("%s already finished; reporting its result", cfg.out)
     else:
-        result = fit(cfg, inputs, callbacks=[TuneReportCallback()])
+        result = fit(plan, callbacks=[TuneReportCallback()])
         metrics = dict(result.metrics or {})
     final = {k: metrics.get(k) for k in ("step", "epoch", "loss", "val_top1", "samples_per_s")}
     if cfg.task == "classify" and sweep.images:
@@ -37,16 +37,15 @@ def run_trial(params: dict) -> None:
     tune.report({**final, "done": True})
 
 
-def _finished_metrics(cfg, inputs) -> dict | None:
+def _finished_metrics(plan) -> dict | None:
     """The last metrics of a run whose latest checkpoint is its final step (a restored sweep); else None."""
     import json
     import os
 
-    from tokray.train.checkpoint import latest_checkpoint, load_state
-    from tokray.train.loop import total_steps
+    from tokray.train.checkpoint import load_state
 
-    latest = latest_checkpoint(cfg.out)
-    if not latest or load_state(latest)[0]["step"] < total_steps(cfg, inputs["num_samples"])[1]:
+    latest = plan.resume_from  # prepare(resume=True): the run dir's latest checkpoint
+    if not latest or load_state(latest)[0]["step"] < plan.steps[1]:
         return None
     with open(os.path.join(latest, "metrics.json")) as f:
         return json.load(f)
@@ -56,8 +55,8 @@ def corrupted_top1(run_dir: str, sweep) -> dict:
     """Top-1 on the raw validation images under each corruption, tokenized on the fly."""
     import torch
 
-    from tokray.data.corrupt import CORRUPTIONS, corrupt
-    from tokray.train.evaluate import evaluate_checkpoint
+    from tokray.eval.corrupt import CORRUPTIONS, corrupt
+    from tokray.eval.classify import evaluate_checkpoint
 
     out = {}
     for kind in CORRUPTIONS:

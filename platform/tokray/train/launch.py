@@ -1,6 +1,6 @@
 """The driver side of a training job (jobs/pretrain.py, jobs/finetune.py): recipe + flags -> one
-frozen config, every check that can fail before a worker starts, then a Ray Train TorchTrainer
-fed by Ray Data.
+frozen config; ``prepare`` runs every check that can fail before a worker starts and returns a
+RunPlan; ``fit`` runs it on a Ray Train TorchTrainer fed by Ray Data.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import logging
 import os
 
 from tokray.config import TrainConfig
+from tokray.data.spec import DataSpec
 from tokray.recipes import describe_recipes, get_recipe
+from tokray.train.plan import RunPlan, find_non_finite_loss
 
-log = logging.getLogger("tokray.train.launch")
+log = logging.getLogger(__name__)
 
 
 def add_train_args(p: argparse.ArgumentParser, task: str, default_recipe: str) -> None:
@@ -45,31 +47,36 @@ def config_from_args(args: argparse.Namespace, task: str, smoke_recipe: str, ext
     return get_recipe(smoke_recipe if args.smoke_test else args.recipe, task=task, **overrides)
 
 
-def prepare(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, dict, str | None]:
-    """Everything that can be wrong, checked on the driver: (final config, worker inputs, resume path)."""
+def prepare(cfg: TrainConfig, resume: bool) -> RunPlan:
+    """Everything that can be wrong, checked on the driver, before a worker starts: the datasets (each
+    manifest read once), the model (built once: unknown models, grids it cannot take, bad augmentation),
+    the --init checkpoint (loaded into it) and the --resume point. Returns the plan the workers run."""
     from tokray.assets import default_tokens
-    from tokray.train.checkpoint import latest_checkpoint, load_encoder, load_state, open_training_data, require_fits_data
+    from tokray.storage.dataset import open_dataset
+    from tokray.train.checkpoint import latest_checkpoint, load_encoder, load_state, require_fits_data
     from tokray.train.tasks import make_task
 
     if cfg.pretrain and not cfg.init:
         raise ValueError(f"recipe {cfg.recipe!r} fine-tunes an MTM checkpoint: run `python jobs/pretrain.py --recipe "
                          f"{cfg.pretrain}` first, then pass --init runs/{cfg.pretrain}")
     data_uri = cfg.data or default_tokens("train")
-    data, num_samples, ds = open_training_data(data_uri)
-    codebook = load_codebook(cfg, ds) if data["kind"] == "tokens" else None
-    model = make_task(cfg, data, codebook).build()  # unknown models, grids the model cannot take, bad augment
+    ds = open_dataset(data_uri)
+    spec = DataSpec.from_manifest(ds.manifest)
+    codebook = load_codebook(cfg, ds) if spec.is_tokens else None
+    model = make_task(cfg, spec, codebook).build()
     out = os.path.abspath(cfg.out)
     updates = {"out": out}
-    eval_uri = cfg.eval_data or default_tokens("val")
+    eval_uri, eval_spec = "", None
     if cfg.task == "classify":
-        ev = open_training_data(eval_uri)[0]
-        if _shape(ev) != _shape(data):
-            raise ValueError(f"validation data {eval_uri} ({_describe(ev)}) does not match training data {data_uri} "
-                             f"({_describe(data)}); give --eval-data stored the same way")
+        eval_uri = cfg.eval_data or default_tokens("val")
+        eval_spec = DataSpec.from_manifest(open_dataset(eval_uri).manifest)
+        if eval_spec.layout() != spec.layout():
+            raise ValueError(f"validation data {eval_uri} ({eval_spec.describe()}) does not match training data "
+                             f"{data_uri} ({spec.describe()}); give --eval-data stored the same way")
     if cfg.init:
-        state, init_cfg, init_data = load_state(cfg.init)
+        state, init_cfg, init_spec = load_state(cfg.init)
         init_path = os.path.abspath(cfg.init)
-        require_fits_data(init_data, data, init_path, data_uri)
+        require_fits_data(init_spec, spec, init_path, data_uri)
         report = load_encoder(model, state, cfg.model, init_path, init_cfg.model)
         log.info("fine-tuning from %s (step %s of recipe %s)", init_path, state.get("step"), init_cfg.recipe)
         log.info("checkpoint keys dropped (%d): %s", len(report["dropped"]), ", ".join(report["dropped"]) or "-")
@@ -84,43 +91,31 @@ def prepare(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, dict, str | No
     if resume and resume_from is None:
         log.warning("--resume: no checkpoint under %s; starting from step 0", out)
     if resume_from:
-        _, prev_cfg, prev_data = load_state(resume_from)
+        _, prev_cfg, prev_spec = load_state(resume_from)
         if (prev_cfg.model, prev_cfg.model_args) != (cfg.model, cfg.model_args):
             raise ValueError(f"--resume: checkpoint {resume_from} holds {prev_cfg.model} {prev_cfg.model_args}, but this "
                              f"run builds {cfg.model} {cfg.model_args}; use another --out or the checkpoint's recipe")
-        require_fits_data(prev_data, data, resume_from, data_uri)
-    cfg = dataclasses.replace(cfg, **updates)
-    inputs = {"config": cfg.to_json(), "data": data, "num_samples": num_samples, "resume_from": resume_from,
-              "codebook": codebook, "data_uri": data_uri, "eval_uri": eval_uri}
-    return cfg, inputs, resume_from
-
-
-def _shape(d: dict) -> tuple:
-    return d["kind"], tuple(d["grid"]), d["codebook_size"], d.get("quality"), list(d["class_names"])
-
-
-def _describe(d: dict) -> str:
-    what = f"{d['grid'][0]}px JPEG q{d['quality']}" if d["kind"] == "pixels" else \
-        f"{d['grid'][0]}x{d['grid'][1]} grid, {d['codebook_size']} codes"
-    return f"{d['kind']}: {what}, {len(d['class_names'])} classes"
+        require_fits_data(prev_spec, spec, resume_from, data_uri)
+    return RunPlan(config=dataclasses.replace(cfg, **updates), data=spec, data_uri=data_uri, eval_data=eval_spec,
+                   eval_uri=eval_uri, resume_from=resume_from, codebook=codebook)
 
 
 def load_codebook(cfg: TrainConfig, ds):
-    """The codebook [V, C] behind a dataset's ids, when the recipe augments tokens or feeds codebook vectors:
-    the dataset's own ``codebook.safetensors`` (SeiT imports), else its tokenizer's (checked by fingerprint)."""
-    if not (cfg.augment or cfg.codebook_stem):
+    """The codebook [V, C] behind a token dataset's ids, when the recipe augments tokens or feeds codebook
+    vectors: the dataset's own ``codebook.safetensors`` (SeiT imports), else its tokenizer's (checked by
+    fingerprint)."""
+    if not (cfg.augment.enabled or cfg.codebook_stem):
         return None
     import safetensors.torch
 
     from tokray.assets import default_tokenizer
     from tokray.data.seit_import import CODEBOOK_FILE
-    from tokray.data.tokenize import require_same_tokenizer
-    from tokray.train.tokenizer import load_tokenizer
+    from tokray.data.tokenizer import load_tokenizer, require_same_tokenizer
 
     if CODEBOOK_FILE in ds.manifest.files:
         return safetensors.torch.load(ds.read_file(CODEBOOK_FILE))["codebook"].float()
     tokenizer, info = load_tokenizer(cfg.tokenizer or default_tokenizer())
-    require_same_tokenizer(ds.meta, info["fingerprint"], where=f"dataset {ds.uri}")
+    require_same_tokenizer(ds.manifest.meta, info["fingerprint"], where=f"dataset {ds.uri}")
     return tokenizer.quantizer.codebook.detach().clone()
 
 
@@ -134,34 +129,30 @@ def _data_config():
     return ray.train.DataConfig(datasets_to_split=["train"], execution_options=options, enable_shard_locality=False)
 
 
-def fit(cfg: TrainConfig, inputs: dict, callbacks: list | None = None):
-    """Run the TorchTrainer (``callbacks``: Ray Train user callbacks, e.g. Tune's report callback); returns
-    its Result. A non-finite loss on a worker re-raises as FloatingPointError."""
-    import ray
+def fit(plan: RunPlan, callbacks: list | None = None):
+    """Run the plan on a Ray Train TorchTrainer (``callbacks``: Ray Train user callbacks, e.g. Tune's report
+    callback); returns its Result. A non-finite loss on a worker re-raises here as its NonFiniteLoss."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from tokray.cli import init_ray
+    from tokray.runtime import init_ray
     from tokray.storage.raysource import read_ray_dataset
     from tokray.train.loop import train_loop_per_worker
 
+    cfg = plan.config
     os.makedirs(cfg.out, exist_ok=True)
     print(cfg.to_json(), flush=True)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         f.write(cfg.to_json())
     init_ray()
-    # token sets are small: read (and verify) once, then every epoch streams from the object store. Stores
+    # training sets are small: read (and verify) once, then every epoch streams from the object store. Stores
     # keep samples in source order (often sorted by class): one seeded global shuffle here, while the CPUs
     # are free, and each epoch adds its own local shuffle; the order stays reproducible for --resume
-    read = read_ray_dataset
-    if inputs["data"]["kind"] == "pixels":
-        from tokray.data.pixels import read_pixel_ray_dataset as read
-    datasets = {"train": read(inputs["data_uri"]).random_shuffle(seed=cfg.seed).materialize()}
-    if cfg.task == "classify":
-        datasets["val"] = read(inputs["eval_uri"]).materialize()
-    worker_inputs = {k: inputs[k] for k in ("config", "data", "num_samples", "resume_from", "codebook")}
+    datasets = {"train": read_ray_dataset(plan.data_uri).random_shuffle(seed=cfg.seed).materialize()}
+    if plan.eval_data is not None:
+        datasets["val"] = read_ray_dataset(plan.eval_uri).materialize()
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=worker_inputs,
+        train_loop_per_worker, train_loop_config={"plan": plan},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=ray.train.RunConfig(name=cfg.recipe, storage_path=os.path.join(cfg.out, "ray"), callbacks=callbacks,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -170,9 +161,7 @@ def fit(cfg: TrainConfig, inputs: dict, callbacks: list | None = None):
     try:
         return trainer.fit()
     except ray.train.WorkerGroupError as e:
-        for failure in e.worker_failures.values():
-            cause = getattr(failure, "cause", None) or failure
-            line = next((ln for ln in str(cause).splitlines() if "non-finite" in ln), None)
-            if line:  # the worker's message, without its traceback
-                raise FloatingPointError(line.split("FloatingPointError:")[-1].strip()) from None
+        non_finite = find_non_finite_loss(e)
+        if non_finite is not None:  # the worker's own error, without Ray's wrapping and tracebacks
+            raise non_finite from None
         raise

@@ -1,9 +1,10 @@
 """The Ray Train worker loop, shared by MTM pre-training and fine-tuning.
 
-Each worker reads its equal part of a Ray Data stream of token batches, runs the task on its
-device and steps AdamW with per-step warmup + cosine (times each group's layer-decay scale).
-Checkpoints (every ``ckpt_every`` steps and at the end) hold model, optimizer, (EMA), step, config
-and the dataset summary; the data position is the step within its epoch, so a restored run skips
+Each worker receives the driver's RunPlan (tokray.train.plan), reads its equal part of a Ray Data
+stream of token (or pixel) batches, runs the task on its device and steps AdamW with per-step warmup
++ cosine (times each group's layer-decay scale). Checkpoints (tokray.train.checkpoint; every
+``ckpt_every`` steps and at the end) hold model, optimizer, (EMA), step, config and the dataset's
+DataSpec; the data position is the step within its epoch, so a restored run skips
 the batches its epoch already used and continues the step count. Classification measures top-1 on
 the (unsplit) validation stream at every epoch end, each rank taking every world-th batch.
 """
@@ -13,26 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 
 import numpy as np
 import torch
 
-from tokray.train.schedule import warmup_cosine
+from tokray.train.plan import NonFiniteLoss, RunPlan
+from tokray.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
-
-
-def lr_at(step: int, total: int, cfg) -> float:
-    return warmup_cosine(step, total, cfg.lr, cfg.min_lr, cfg.warmup_steps)
-
-
-def total_steps(cfg, num_samples: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, steps in the run)."""
-    per_epoch = max(1, num_samples // cfg.batch_size)
-    total = int(cfg.epochs * per_epoch) if cfg.epochs > 0 else cfg.max_steps
-    return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
 
 
 class _Progress:
@@ -54,40 +44,34 @@ class _Progress:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """``config``: {"plan": the driver's RunPlan}."""
     import ray.train
     import ray.train.torch
 
-    from tokray.cli import setup_logging
-    from tokray.config import TrainConfig
-    from tokray.train.checkpoint import load_encoder, load_state
-    from tokray.train.tasks import eval_view, make_task, top1
+    from tokray.runtime import setup_logging
+    from tokray.train.checkpoint import load_encoder, load_state, restore, save_and_report
+    from tokray.train.tasks import make_task
 
     setup_logging()
-    cfg = TrainConfig.from_json(config["config"])
-    data, num_samples = config["data"], config["num_samples"]
+    plan: RunPlan = config["plan"]
+    cfg = plan.config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed * 1000 + rank)  # timm's Mixup draws from NumPy's global generator
     device = ray.train.torch.get_device()
-    task = make_task(cfg, data, config.get("codebook"))
+    task = make_task(cfg, plan.data, plan.codebook)
     model = task.build()
     if cfg.init:  # the driver checked the fit and named the dropped keys
         load_encoder(model, load_state(cfg.init)[0], cfg.model, cfg.init)
     opt = torch.optim.AdamW(task.param_groups(model), lr=cfg.lr, betas=tuple(cfg.betas))
     ema = _make_ema(model, cfg.ema_decay)
-    per_epoch, total = total_steps(cfg, num_samples)
+    per_epoch, total = plan.steps
     step = 0
     # a restart after a failure gets the run's latest checkpoint; --resume names one explicitly
-    ckpt = ray.train.get_checkpoint() or (ray.train.Checkpoint(config["resume_from"]) if config.get("resume_from") else None)
+    ckpt = ray.train.get_checkpoint() or (ray.train.Checkpoint(plan.resume_from) if plan.resume_from else None)
     if ckpt:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        if ema is not None and "ema" in state:
-            ema.module.load_state_dict(state["ema"])
-        step = int(state["step"])
+        step = restore(ckpt, model, opt, ema)
         if rank == 0:
             log.info("restored from checkpoint at step %d", step)
     model.to(device)
@@ -122,8 +106,7 @@ def train_loop_per_worker(config: dict) -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss, extra = task.loss(model, batch, device, gen)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite {cfg.task} loss ({loss.item()}) at step {step}; "
-                                         f"lower the lr (now {opt.param_groups[0]['lr']:.2e}) or check the data")
+                raise NonFiniteLoss(step, loss.item(), cfg.task, opt.param_groups[0]["lr"])
             (loss / cfg.grad_accum).backward()
             prog.seen += len(batch["label"]) * world
             if (i + 1) % cfg.grad_accum:
@@ -146,15 +129,14 @@ def train_loop_per_worker(config: dict) -> None:
                     log.info("step %d/%d loss %.4f lr %.2e %.0f samples/s data-wait %.1f%% ETA %.0fs", step, total,
                              metrics["loss"], lr, metrics["samples_per_s"], metrics["data_wait_pct"], metrics["eta_s"])
             if val is not None and (step % per_epoch == 0 or step == total):
-                view = (lambda x: eval_view(cfg, x)) if task.input_key == "ids" else None
-                score = lambda m, b: top1(m, b, device, rank, world, view=view, key=task.input_key)  # noqa: E731
+                score = lambda m, b: task.top1(m, b, device, rank, world)  # noqa: E731
                 metrics.update(_validate(raw, ema, lambda: task.iter_batches(val, micro), score))
                 if rank == 0:
                     log.info("epoch %.2f: val top-1 %.2f%%%s", step / per_epoch, metrics["val_top1"],
                              f" (EMA {metrics['val_top1_ema']:.2f}%)" if "val_top1_ema" in metrics else "")
             _write_tensorboard(tb, metrics, step, logged)
             if step % cfg.ckpt_every == 0 or step == total or "val_top1" in metrics:
-                _report_with_checkpoint(raw, opt, ema, step, config, metrics, rank)
+                save_and_report(raw, opt, ema, step, plan, metrics, rank)
             elif logged:
                 ray.train.report(metrics)
             t0 = time.perf_counter()
@@ -205,21 +187,3 @@ def _write_tensorboard(tb, metrics: dict, step: int, logged: bool) -> None:
     if logged:
         tb.flush()
 
-
-def _report_with_checkpoint(model, opt, ema, step, config, metrics, rank) -> None:
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
-        if rank == 0:  # one copy of the (replicated) state
-            state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "config": config["config"],
-                     "data": config["data"]}
-            if ema is not None:
-                state["ema"] = ema.module.state_dict()
-            torch.save(state, os.path.join(d, "state.pt"))
-            with open(os.path.join(d, "config.json"), "w") as f:
-                f.write(config["config"])
-            with open(os.path.join(d, "metrics.json"), "w") as f:
-                json.dump(metrics, f)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,12 +1,14 @@
 """What a training step computes, per task: MTM pre-training or supervised classification.
 
-A task builds its model from the config and the dataset summary, makes the optimizer's parameter
-groups, turns a batch into a loss, and (classification) measures top-1 on a validation stream.
-The training loop (tokray.train.loop) is the same for both.
+A task builds its model from the config and the dataset's DataSpec, owns its data (batch key, torch
+stream, device transfer, evaluation view), makes the optimizer's parameter groups, turns a batch
+into a loss, and measures top-1 on a validation stream. The training loop (tokray.train.loop) is
+the same for every task; evaluation (tokray.eval.classify) uses the same views.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 
 import models
 from tokray.config import TrainConfig
+from tokray.data.spec import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -29,37 +32,33 @@ def plain_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def model_grid(cfg: TrainConfig, data: dict) -> tuple[int, int]:
+def model_grid(cfg: TrainConfig, spec: DataSpec) -> tuple[int, int]:
     """The grid the model sees: the dataset's, or the augmentation's output crop (SeiT: 32x32 -> 28x28)."""
-    out = cfg.augment.get("out_size", 0)
-    return (out, out) if out else tuple(data["grid"])
-
-
-def eval_view(cfg: TrainConfig, ids: torch.Tensor) -> torch.Tensor:
-    """What evaluation feeds the model: the central crop of the training view's size."""
-    from tokray.augment.geometry import center_crop_ids
-
-    return center_crop_ids(ids, cfg.augment.get("out_size", 0))
+    out = cfg.augment.out_size
+    return (out, out) if out else spec.grid
 
 
 class _Task:
-    """Shared by both tasks: the model from the config, and the token augmentation (if any) on the device."""
+    """Shared by every task: the data it reads (its batch key, the stream, the move to the device), the
+    model from the config, the token augmentation (if any) on the device and top-1 on a validation stream."""
 
-    def __init__(self, cfg: TrainConfig, data: dict, codebook: torch.Tensor | None = None, augment: bool = True):
-        self.cfg, self.data, self.codebook = cfg, data, codebook
-        self.num_classes = len(data["class_names"])
+    input_key = "ids"
+
+    def __init__(self, cfg: TrainConfig, spec: DataSpec, codebook: torch.Tensor | None = None, augment: bool = True):
+        self.cfg, self.spec, self.codebook = cfg, spec, codebook
+        self.num_classes = spec.num_classes
         self.augment = None
-        if cfg.augment and augment:
-            from tokray.augment.pipeline import AugmentConfig, build_token_augment
+        if cfg.augment.enabled and augment:
+            from tokray.augment.pipeline import build_token_augment
 
             if codebook is None:
                 raise ValueError(f"recipe {cfg.recipe!r} augments tokens and needs the tokenizer's codebook")
-            aug = AugmentConfig(**{**cfg.augment, "num_classes": self.num_classes})
-            self.augment = build_token_augment(aug, codebook, data["tokenizer"])
+            aug = dataclasses.replace(cfg.augment, num_classes=self.num_classes)  # soft targets: the data's classes
+            self.augment = build_token_augment(aug, codebook, spec.tokenizer)
 
     def _create(self, **extra) -> torch.nn.Module:
-        model = models.create_model(self.cfg.model, grid=model_grid(self.cfg, self.data),
-                                    vocab_size=self.data["codebook_size"], **extra, **self.cfg.model_args)
+        model = models.create_model(self.cfg.model, grid=model_grid(self.cfg, self.spec),
+                                    vocab_size=self.spec.codebook_size, **extra, **self.cfg.model_args)
         if self.cfg.codebook_stem:  # SeiT feeds the frozen codebook vectors (a checkpoint carries them too)
             embed = model.patch_embed.embed if hasattr(model, "patch_embed") else model.encoder.patch_embed.embed
             if self.codebook is not None:
@@ -71,13 +70,25 @@ class _Task:
             embed.weight.requires_grad_(False)
         return model
 
-    input_key = "ids"
-
     def iter_batches(self, data_iter, batch_size: int, **kw):
         """Torch batches of this task's data from a Ray Dataset or DataIterator (ids stay uint16)."""
         from tokray.data.stream import iter_torch_batches
 
-        return iter_torch_batches(data_iter, self.data["grid"], batch_size, **kw)
+        return iter_torch_batches(data_iter, self.spec, batch_size, **kw)
+
+    def inputs(self, batch: dict, device) -> torch.Tensor:
+        """The model input of a batch, on ``device`` (still in its stored dtype)."""
+        return batch[self.input_key].to(device, non_blocking=True)
+
+    def eval_view(self, x: torch.Tensor) -> torch.Tensor:
+        """What evaluation feeds the model: the central crop of the training view's size."""
+        from tokray.augment.geometry import center_crop_ids
+
+        return center_crop_ids(x, self.cfg.augment.out_size)
+
+    def top1(self, model: torch.nn.Module, batches, device, rank: int = 0, world: int = 1) -> tuple[int, int]:
+        """(correct, seen) of ``model`` over ``batches`` of this task's data, through its evaluation view."""
+        return top1(model, batches, device, rank, world, view=self.eval_view, key=self.input_key)
 
     def to(self, device) -> "_Task":
         if self.augment is not None:
@@ -98,7 +109,7 @@ class MTMTask(_Task):
         return plain_param_groups(model, self.cfg.weight_decay)
 
     def loss(self, model, batch: dict, device, generator) -> tuple[torch.Tensor, dict]:
-        ids, _ = self.augmented(batch["ids"].to(device, non_blocking=True), None, generator)
+        ids, _ = self.augmented(self.inputs(batch, device), None, generator)
         out = model(ids, generator=generator)  # uint16 -> int64 inside
         return out["loss"], {"mask_ratio": float(out["mask_ratio"])}
 
@@ -109,8 +120,8 @@ class ClassifyTask(_Task):
 
     name = "classify"
 
-    def __init__(self, cfg: TrainConfig, data: dict, codebook: torch.Tensor | None = None, augment: bool = True):
-        super().__init__(cfg, data, codebook, augment)
+    def __init__(self, cfg: TrainConfig, spec: DataSpec, codebook: torch.Tensor | None = None, augment: bool = True):
+        super().__init__(cfg, spec, codebook, augment)
         self.mixer = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             from timm.data import Mixup
@@ -118,9 +129,12 @@ class ClassifyTask(_Task):
             self.mixer = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mix_switch_prob,
                                label_smoothing=cfg.label_smoothing, num_classes=self.num_classes)
 
-    def build(self) -> torch.nn.Module:
+    def _require_classes(self) -> None:
         if self.num_classes < 2:
             raise ValueError(f"classification needs a dataset with class names; this one has {self.num_classes}")
+
+    def build(self) -> torch.nn.Module:
+        self._require_classes()
         return self._create(num_classes=self.num_classes)
 
     def param_groups(self, model) -> list[dict]:
@@ -133,14 +147,14 @@ class ClassifyTask(_Task):
                                         layer_decay=self.cfg.layer_decay)
 
     def loss(self, model, batch: dict, device, generator) -> tuple[torch.Tensor, dict]:
-        ids = batch["ids"].to(device, non_blocking=True).long()
+        ids = self.inputs(batch, device).long()
         labels = batch["label"].to(device, non_blocking=True)
         ids, target = self.augmented(ids, labels, generator)
         if target.ndim == 2:  # the augmentation mixed: soft targets, smoothing included
             return _soft_cross_entropy(model(ids), target), {}
         if self.mixer is None:
             return F.cross_entropy(model(ids), labels, label_smoothing=self.cfg.label_smoothing), {}
-        x = F.one_hot(ids, self.data["codebook_size"]).permute(0, 3, 1, 2).float() if self.cfg.mixup > 0 else ids[:, None]
+        x = F.one_hot(ids, self.spec.codebook_size).permute(0, 3, 1, 2).float() if self.cfg.mixup > 0 else ids[:, None]
         x, target = self.mixer(x, labels)
         return _soft_cross_entropy(model(x if self.cfg.mixup > 0 else x[:, 0]), target), {}
 
@@ -152,18 +166,15 @@ class PixelClassifyTask(ClassifyTask):
     input_key = "pixels"
 
     def build(self) -> torch.nn.Module:
-        if self.num_classes < 2:
-            raise ValueError(f"classification needs a dataset with class names; this one has {self.num_classes}")
-        return models.create_model(self.cfg.model, img_size=self.data["grid"][0], num_classes=self.num_classes,
+        self._require_classes()
+        return models.create_model(self.cfg.model, img_size=self.spec.image_size, num_classes=self.num_classes,
                                    **self.cfg.model_args)
 
-    def iter_batches(self, data_iter, batch_size: int, **kw):
-        from tokray.data.pixels import iter_pixel_torch_batches
-
-        return iter_pixel_torch_batches(data_iter, self.data["grid"][0], batch_size, **kw)
+    def eval_view(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # the whole stored image, as in training (uint8: the model normalizes)
 
     def loss(self, model, batch: dict, device, generator) -> tuple[torch.Tensor, dict]:
-        x = batch["pixels"].to(device, non_blocking=True).float() / 255.0
+        x = self.inputs(batch, device).float() / 255.0
         flip = (torch.rand(len(x), generator=generator) < 0.5).to(device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         labels = batch["label"].to(device, non_blocking=True)
@@ -177,12 +188,14 @@ def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-def make_task(cfg: TrainConfig, data: dict, codebook: torch.Tensor | None = None, augment: bool = True):
-    if data.get("kind") == "pixels":
+def make_task(cfg: TrainConfig, spec: DataSpec, codebook: torch.Tensor | None = None, augment: bool = True) -> _Task:
+    """The task of ``cfg`` on data described by ``spec``; ``augment=False`` skips the token augmentation
+    (evaluation: the model alone)."""
+    if not spec.is_tokens:
         if cfg.task != "classify":
             raise ValueError(f"recipe {cfg.recipe!r} ({cfg.task}) needs token data; pixel datasets train classifiers only")
-        return PixelClassifyTask(cfg, data, None, augment)
-    return {"mtm": MTMTask, "classify": ClassifyTask}[cfg.task](cfg, data, codebook, augment)
+        return PixelClassifyTask(cfg, spec, None, augment)
+    return {"mtm": MTMTask, "classify": ClassifyTask}[cfg.task](cfg, spec, codebook, augment)
 
 
 @torch.no_grad()

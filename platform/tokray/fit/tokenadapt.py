@@ -1,15 +1,11 @@
-"""Train TokenAdapt (f, g) from pixels and a tokenizer, and measure token agreement.
+"""Train TokenAdapt (f, g) in-process from pixels and a tokenizer.
 
 For an image x with tokens z = tokenizer(x), draw one geometric view A in normalized coordinates
 (flip, affine group, random-resized crop; ``GeometrySpec``) and apply it to x (32x32 output) and
 to f(z) (16x16 output for an 8x8 grid); the target is tokenizer(A(x)) and the loss is
 CE(g(A(f(z))), target). SeiT++ publishes no training code for f and g: this procedure is our
-reconstruction (method digest section 5.3).
-
-Token agreement answers the paper's Figure 3 question with numbers: for a view A, the share of
-positions where the augmented tokens equal tokenizer(A(x)), for (a) naive augmentation of the
-embedding grid + cosine requantization and (b) TokenAdapt; plus the PSNR of the decoded tokens
-against A(x), and of tokenizer(A(x)) itself (the ceiling).
+reconstruction (method digest section 5.3). Progress is measured as token agreement
+(``tokray.eval.agreement``) on held-out images.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 
@@ -27,21 +22,15 @@ import torch.nn.functional as F
 
 import models
 from tokray.augment.geometry import GeometrySpec, warp
-from tokray.augment.ops import embed, requantize
+from tokray.augment.ops import embed
 from tokray.augment.tokenadapt import load_tokenadapt, save_tokenadapt, tokenadapt_logits
-from tokray.train.tokenizer import load_split, load_tokenizer, to_unit
+from tokray.data.tokenizer import load_tokenizer, to_unit
+from tokray.eval.agreement import agreement
+from tokray.fit.tokenizer import load_split
 from tokray.train.schedule import warmup_cosine
 
 
 log = logging.getLogger(__name__)
-
-# the views the agreement is reported for (fixed: every number in a table means the same thing)
-EVAL_VIEWS = {
-    "identity": GeometrySpec(),
-    "flip": GeometrySpec(flip_prob=1.0),
-    "crop": GeometrySpec(crop_prob=1.0, crop_scale=(0.08, 1.0)),
-    "affine": GeometrySpec(affine_prob=1.0),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,59 +75,6 @@ class TokenAdaptConfig:
 
 def lr_at(step: int, cfg: TokenAdaptConfig) -> float:
     return warmup_cosine(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup)
-
-
-def _mse255(recon: torch.Tensor, target: torch.Tensor) -> float:
-    """Summed squared error on the [0, 255] scale (recon quantized like a saved image), per pixel value."""
-    r = ((recon.clamp(-1, 1) + 1) * 127.5).round()
-    t = ((target.clamp(-1, 1) + 1) * 127.5).round()
-    return float(((r - t) ** 2).sum())
-
-
-def _psnr(sq_err: float, count: int) -> float:
-    return 10 * math.log10(255.0**2 / max(sq_err / max(1, count), 1e-10))
-
-
-@torch.no_grad()
-def agreement(tokenizer, tokenadapt, pixels: np.ndarray, views: dict[str, GeometrySpec] | None = None,
-              seed: int = 0, batch: int = 500, psnr: bool = True) -> dict:
-    """Per view: token agreement with tokenizer(A(x)) of naive grid augmentation + requantization
-    and of TokenAdapt, and (``psnr``) the PSNR of their decoded tokens and of tokenizer(A(x))
-    against A(x). The views are drawn from ``seed``, identically for both methods."""
-    views = EVAL_VIEWS if views is None else views
-    was_training = tokenadapt.training
-    tokenadapt.eval()
-    codebook = tokenizer.quantizer.codebook
-    size = (tokenizer.image_size, tokenizer.image_size)
-    grid = tokenizer.grid
-    out = {}
-    for k, (name, spec) in enumerate(views.items()):
-        gen = torch.Generator().manual_seed(seed * 1000 + k)
-        hits = {"naive": 0, "tokenadapt": 0}
-        err = {"naive": 0.0, "tokenadapt": 0.0, "tokenizer": 0.0}
-        n_tok = n_px = 0
-        for s in range(0, len(pixels), batch):
-            x = to_unit(pixels[s:s + batch])
-            theta = spec.sample(len(x), gen)
-            xa = warp(x, theta, size).clamp(-1, 1)
-            target = tokenizer.encode(xa)
-            emb = embed(tokenizer.encode(x), codebook)
-            ids = {"naive": requantize(warp(emb, theta, grid), codebook),
-                   "tokenadapt": tokenadapt_logits(tokenadapt, emb, theta, grid).argmax(1)}
-            for m, v in ids.items():
-                hits[m] += int((v == target).sum())
-                if psnr:
-                    err[m] += _mse255(tokenizer.decode(v), xa)
-            if psnr:
-                err["tokenizer"] += _mse255(tokenizer.decode(target), xa)
-            n_tok += target.numel()
-            n_px += xa.numel()
-        row = {m: hits[m] / max(1, n_tok) for m in hits}
-        if psnr:
-            row.update({f"{m}_psnr_db": _psnr(e, n_px) for m, e in err.items()})
-        out[name] = row
-    tokenadapt.train(was_training)
-    return out
 
 
 def load_pixels(cfg: TokenAdaptConfig, size: int):

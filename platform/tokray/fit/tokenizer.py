@@ -1,17 +1,14 @@
-"""Train, evaluate, save and load the VQ tokenizer.
+"""Train the VQ tokenizer in-process: resumable, evaluated on the fixed validation split, pruned and saved.
 
-A trained tokenizer is one safetensors file: weights (after pruning to the codes used) plus
-metadata holding its config and fingerprint. The fingerprint (sha256 of config + weights) is
-what every token dataset records, so ids are never read with the wrong codebook.
+The result is one tokenizer file (``tokray.data.tokenizer.save_tokenizer``) whose metadata holds
+the validation PSNR, codes used and the training curve.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import math
 import os
 import time
 
@@ -19,7 +16,10 @@ import numpy as np
 import torch
 
 import models
-from tokray.data.images import ImageSource, decode_many, validation_split
+from tokray.data.images import ImageSource, decode_many
+from tokray.data.splits import split_indices
+from tokray.data.tokenizer import save_tokenizer, to_unit
+from tokray.eval.metrics import entropy_bits, psnr_from_sse, squared_error_255
 from tokray.train.schedule import warmup_cosine
 
 
@@ -52,77 +52,13 @@ class TokenizerConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
 
-def to_unit(pixels_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
-    x = torch.as_tensor(pixels_uint8).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
-
-
-def psnr_db(recon: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR on the [0, 255] scale of images given in [-1, 1] (recon quantized like a saved image)."""
-    r = ((recon.clamp(-1, 1) + 1) * 127.5).round()
-    t = ((target + 1) * 127.5).round()
-    mse = ((r - t) ** 2).mean().item()
-    return 10 * math.log10(255.0**2 / max(mse, 1e-10))
-
-
-def entropy_bits(ids: np.ndarray) -> float:
-    counts = np.bincount(np.asarray(ids).ravel())
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log2(p)).sum())
-
-
-def fingerprint(model: torch.nn.Module, config: dict) -> str:
-    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def save_tokenizer(model, model_name: str, model_args: dict, path: str, extra: dict | None = None) -> str:
-    from safetensors.torch import save_file
-
-    config = {"model": model_name, "model_args": {**model_args, "codebook_size": model.codebook_size}}
-    fp = fingerprint(model, config)
-    meta = {"config": json.dumps(config), "fingerprint": fp, "extra": json.dumps(extra or {})}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata=meta)
-    os.chmod(tmp, 0o644)  # a shipped file: readable by all, like any package data
-    os.replace(tmp, path)
-    return fp
-
-
-def load_tokenizer(path: str):
-    """(model in eval mode, metadata dict with 'fingerprint', 'config', 'extra')."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no tokenizer at {path}; train one with `python jobs/train_tokenizer.py`")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    if "config" not in meta:
-        raise ValueError(f"{path} is not a tokray tokenizer (no config in its safetensors metadata)")
-    config = json.loads(meta["config"])
-    args = {k: tuple(v) if isinstance(v, list) else v for k, v in config["model_args"].items()}
-    model = models.create_model(config["model"], **args)
-    model.load_state_dict(load_file(path), strict=True)
-    model.eval()
-    info = {"fingerprint": meta["fingerprint"], "config": config, "extra": json.loads(meta.get("extra", "{}"))}
-    if fingerprint(model, config) != info["fingerprint"]:
-        raise ValueError(f"{path}: weights do not match the fingerprint in its metadata; the file is damaged")
-    return model, info
-
-
 def load_split(cfg: TokenizerConfig, size: int):
     """Decoded train and validation pixels (uint8) of the source, split by the fixed seed."""
     src = ImageSource(cfg.images)
-    val = validation_split(src.labels, cfg.val_per_class, cfg.split_seed)
-    train_idx, val_idx = np.flatnonzero(~val), np.flatnonzero(val)
-    if cfg.max_images:
-        train_idx = train_idx[: cfg.max_images]
-        val_idx = val_idx[: max(16, cfg.max_images // 8)]
+    # a capped run (smoke tests) keeps a proportional, but not tiny, validation set
+    val_cap = max(16, cfg.max_images // 8) if cfg.max_images else 0
+    train_idx = split_indices(src.labels, "train", cfg.val_per_class, cfg.split_seed, cfg.max_images)
+    val_idx = split_indices(src.labels, "val", cfg.val_per_class, cfg.split_seed, val_cap)
     t0 = time.time()
     train, _, bad_t = decode_many(src, train_idx, size)
     valp, _, bad_v = decode_many(src, val_idx, size)
@@ -133,17 +69,18 @@ def load_split(cfg: TokenizerConfig, size: int):
 
 @torch.no_grad()
 def evaluate(model, pixels: np.ndarray, batch: int = 500) -> dict:
+    """Validation PSNR (dB), codes used and bits/token of ``model`` on uint8 ``pixels``."""
     model.eval()
-    psnrs, ids = [], []
+    sse, count, ids = 0.0, 0, []
     for s in range(0, len(pixels), batch):
         x = to_unit(pixels[s:s + batch])
         i = model.encode(x)
-        psnrs.append((psnr_db(model.decode(i), x), len(x)))
+        sse += squared_error_255(model.decode(i), x)
+        count += x.numel()
         ids.append(i.numpy())
     model.train()
     ids = np.concatenate(ids)
-    mse_weighted = sum(10 ** (-p / 10) * n for p, n in psnrs) / sum(n for _, n in psnrs)
-    return {"psnr_db": -10 * math.log10(mse_weighted), "codes_used": int(len(np.unique(ids))),
+    return {"psnr_db": psnr_from_sse(sse, count), "codes_used": int(len(np.unique(ids))),
             "bits_per_token": entropy_bits(ids)}
 
 

@@ -1,6 +1,6 @@
 """Tokenize an image source into a token dataset on any store, with Ray Data.
 
-  python jobs/tokenize.py --images ../shared/datasets/cifar10-train.tar --dst runs/tokens \\
+  python jobs/tokenize_images.py --images ../shared/datasets/cifar10-train.tar --dst runs/tokens \\
       --tokenizer runs/tokenizer/tokenizer.safetensors [--split train|val|all]
 
 Decoding runs as Ray tasks, the tokenizer as an actor pool (on a GPU when there is one), and
@@ -10,30 +10,17 @@ Unreadable files are named in the log, counted and skipped. Ends with images/s a
 
 from __future__ import annotations
 
-import sys
+import argparse
 
-if __name__ != "__main__":
-    # Running any script in jobs/ puts jobs/ first on sys.path, so the stdlib's own
-    # `import tokenize` (inspect, linecache: every traceback) lands here. Be the stdlib module then.
-    import importlib.util
-    import sysconfig
+from tqdm import tqdm
 
-    _spec = importlib.util.spec_from_file_location(
-        "tokenize", f"{sysconfig.get_paths()['stdlib']}/tokenize.py")
-    _stdlib = importlib.util.module_from_spec(_spec)
-    sys.modules["tokenize"] = _stdlib
-    _spec.loader.exec_module(_stdlib)
-    # (the importer receives sys.modules["tokenize"]; nothing below imports anything at module level)
+from tokray.assets import default_tokenizer
+from tokray.cli import print_result, print_table, run_main
+from tokray.data.tokenize import TokenizeJob, tokenize
+from tokray.runtime import setup_logging
 
 
 def main() -> int:
-    import argparse
-
-    from tqdm import tqdm
-
-    from tokray.cli import print_result, print_table, setup_logging
-    from tokray.data.tokenize import TokenizeJob, tokenize
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="a tar, a folder <anything>/<class>/<file>, or an s3:// prefix")
     p.add_argument("--dst", required=True, help="token dataset URI (local path, s3://, lmdb://)")
@@ -51,7 +38,6 @@ def main() -> int:
     args = p.parse_args()
     setup_logging()
     if args.tokenizer is None:
-        from tokray.assets import default_tokenizer
         args.tokenizer = default_tokenizer()
     job = TokenizeJob(images=args.images, dst=args.dst, tokenizer=args.tokenizer, split=args.split,
                       val_per_class=args.val_per_class, shard_rows=args.shard_rows, batch_size=args.batch_size,
@@ -74,6 +60,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from tokray.cli import run_main
-
     run_main(main)

@@ -1,7 +1,8 @@
-"""A real S3 endpoint on 127.0.0.1 (moto in server mode) for tests and benchmarks.
+"""A real S3 endpoint on 127.0.0.1 (moto in server mode) for tests and benchmarks (test machinery:
+it needs the `test` extra, so it lives under tests/, never in the package).
 
 Not a mocked client: tokray talks HTTP to it through s3fs/botocore exactly as to AWS. The server
-runs in its own process, logs every request, and stops on exit. Needs the `test` extra (moto[server]).
+runs in its own process, logs every request, and stops on exit.
 """
 
 from __future__ import annotations

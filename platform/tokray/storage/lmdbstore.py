@@ -1,0 +1,228 @@
+"""An LMDB environment: records keyed by big-endian sample id, for random access.
+
+A value is the int32 label followed by the record format's payload (token ids, a JPEG). A shard
+is one write transaction over a key range; its digest covers its keys and values in key order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+
+import numpy as np
+import pyarrow as pa
+
+from tokray.storage.formats import LABEL, SAMPLE_ID
+from tokray.storage.manifest import ShardInfo
+from tokray.storage.stores import ShardChecksumError, Store, shard_name
+from tokray.storage.uri import StoreURI
+
+log = logging.getLogger(__name__)
+
+
+class LMDBStore(Store):
+    """Records keyed by big-endian sample id; value = int32 label (little-endian) + the format's payload.
+
+    Environments are opened lazily in the process that uses them (never inherited across fork)
+    and read-only for reading. A full map grows and the transaction is retried.
+    """
+
+    _KEY = struct.Struct(">q")
+    _LABEL = struct.Struct("<i")
+
+    def __init__(self, uri: StoreURI, map_size: int = 1 << 30):
+        self.uri = uri
+        self.map_size = map_size
+        self._env = None
+        self._handles = None
+        self._verified: set[str] = set()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_env": None, "_handles": None, "_verified": set()}
+
+    def check(self, for_write):
+        if os.path.exists(self.uri.path) and not os.path.isdir(self.uri.path):
+            raise ValueError(f"{self.uri} is a file; LMDB URIs name the environment directory")
+        if not for_write and not os.path.exists(os.path.join(self.uri.path, "data.mdb")):
+            raise FileNotFoundError(
+                f"no LMDB environment at {self.uri} (no data.mdb); write one with "
+                f"`python jobs/dataset.py copy SRC {self.uri}`")
+
+    def _open(self, write: bool):
+        """The process's one handle on this env (LMDB allows one per process), write-capable on demand."""
+        import lmdb
+
+        key = (os.getpid(), self.uri.path)
+        entry = _LMDB_ENVS.get(key)
+        if entry is not None and (entry[1] or not write):
+            self._env, self._handles = entry[0], entry[2]
+            return self._env
+        if entry is not None:
+            entry[0].close()
+        if write:
+            os.makedirs(self.uri.path, exist_ok=True)
+            env = lmdb.open(self.uri.path, map_size=self.map_size, max_dbs=2, subdir=True)
+        else:
+            self.check(for_write=False)
+            env = lmdb.open(self.uri.path, readonly=True, lock=False, max_dbs=2, subdir=True, readahead=False)
+        # opened once, outside any transaction (open_db inside a write txn would deadlock)
+        handles = (env.open_db(b"meta", create=write), env.open_db(b"records", create=write))
+        _LMDB_ENVS[key] = (env, write, handles)
+        self._env, self._handles = env, handles
+        return env
+
+    def _dbs(self, env):
+        return self._handles
+
+    def _write_txn(self, fn):
+        import lmdb
+
+        env = self._open(write=True)
+        self.map_size = max(self.map_size, env.info()["map_size"])
+        while True:
+            try:
+                with env.begin(write=True) as txn:
+                    return fn(txn, *self._dbs(env))
+            except lmdb.MapFullError:
+                self.map_size *= 2  # a large map costs no disk; grow and redo the whole transaction
+                env.set_mapsize(self.map_size)
+                log.info("LMDB map full at %s; grew map to %d MiB", self.uri, self.map_size >> 20)
+
+    def read_meta(self, name):
+        if not os.path.exists(os.path.join(self.uri.path, "data.mdb")):
+            return None
+        env = self._open(write=False)
+        meta, _ = self._dbs(env)
+        with env.begin(db=meta) as txn:
+            v = txn.get(name.encode())
+            return bytes(v) if v is not None else None
+
+    def write_meta(self, name, data):
+        self._write_txn(lambda txn, meta, rec: txn.put(name.encode(), data, db=meta))
+
+    def delete_meta(self, name):
+        self._write_txn(lambda txn, meta, rec: txn.delete(name.encode(), db=meta))
+
+    def _encode_records(self, table: pa.Table, fmt) -> list[tuple[bytes, bytes]]:
+        labels = table.column(LABEL).to_numpy()
+        sids = table.column(SAMPLE_ID).to_numpy()
+        payloads = fmt.payloads(table)
+        order = np.argsort(sids, kind="stable")
+        return [(self._KEY.pack(int(sids[i])), self._LABEL.pack(int(labels[i])) + payloads[i]) for i in order]
+
+    @staticmethod
+    def _digest(records) -> tuple[str, int]:
+        h, n = hashlib.sha256(), 0
+        for k, v in records:
+            h.update(k)
+            h.update(v)
+            n += len(v)
+        return h.hexdigest(), n
+
+    def write_shard(self, index, table, fmt):
+        records = self._encode_records(table, fmt)
+        digest, nbytes = self._digest(records)
+
+        def put(txn, meta, rec):
+            for k, v in records:
+                txn.put(k, v, db=rec)
+
+        self._write_txn(put)  # one transaction: a shard is all there or not at all
+        return ShardInfo(path=shard_name(index, "lmdb"), rows=len(records), bytes=nbytes, sha256=digest,
+                         first_sample_id=self._KEY.unpack(records[0][0])[0],
+                         last_sample_id=self._KEY.unpack(records[-1][0])[0])
+
+    def _scan(self, info: ShardInfo) -> list[tuple[bytes, bytes]]:
+        env = self._open(write=False)
+        _, rec = self._dbs(env)
+        out = []
+        last = self._KEY.pack(info.last_sample_id)
+        with env.begin(db=rec) as txn:
+            cur = txn.cursor()
+            if cur.set_range(self._KEY.pack(info.first_sample_id)):
+                for k, v in cur:
+                    if k > last:
+                        break
+                    out.append((bytes(k), bytes(v)))
+        return out
+
+    def _verified_scan(self, info: ShardInfo):
+        records = self._scan(info)
+        digest, _ = self._digest(records)
+        if digest != info.sha256 or len(records) != info.rows:
+            raise ShardChecksumError(str(self.uri), info.path, info.sha256, digest)
+        self._verified.add(info.path)
+        return records
+
+    def read_shard(self, info, fmt, meta, columns=None):
+        table = self._records_to_table(self._verified_scan(info), fmt, meta)
+        return table.select(columns) if columns else table
+
+    def _records_to_table(self, records, fmt, meta) -> pa.Table:
+        labels = np.array([self._LABEL.unpack_from(v)[0] for _, v in records], dtype=np.int32)
+        sids = np.array([self._KEY.unpack(k)[0] for k, _ in records], dtype=np.int64)
+        return fmt.table_from_payloads(meta, [v[4:] for _, v in records], labels, sids)
+
+    def shard_intact(self, info):
+        try:
+            self._verified_scan(info)
+            return True
+        except ShardChecksumError:
+            return False
+
+    def delete_shard(self, info):
+        keys = [k for k, _ in self._scan(info)]
+
+        def delete(txn, meta, rec):
+            for k in keys:
+                txn.delete(k, db=rec)
+
+        self._write_txn(delete)
+
+    def get(self, sample_id: int, shards: tuple[ShardInfo, ...], fmt, meta) -> dict:
+        """One record by sample id, as a batch of one; its shard is verified on its first access."""
+        info = self._shard_of(sample_id, shards)
+        if info.path not in self._verified:
+            self._verified_scan(info)
+        env = self._open(write=False)
+        _, rec = self._dbs(env)
+        with env.begin(db=rec) as txn:
+            v = txn.get(self._KEY.pack(sample_id))
+        if v is None:
+            raise KeyError(f"sample id {sample_id} is not in {self.uri}")
+        return fmt.to_numpy(meta, self._records_to_table([(self._KEY.pack(sample_id), bytes(v))], fmt, meta))
+
+    @staticmethod
+    def _shard_of(sample_id: int, shards) -> ShardInfo:
+        for s in shards:
+            if s.first_sample_id <= sample_id <= s.last_sample_id:
+                return s
+        raise KeyError(f"sample id {sample_id} is not in this dataset")
+
+    def overhead_bytes(self, shards):
+        env = self._open(write=False)
+        used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]  # pages in use: what the env costs
+        return max(0, used - sum(s.bytes for s in shards))
+
+    def measured_bytes(self, manifest):
+        self.close()  # the file's size once every page is down
+        return os.path.getsize(os.path.join(self.uri.path, "data.mdb"))
+
+    def close(self):
+        entry = _LMDB_ENVS.pop((os.getpid(), self.uri.path), None)
+        if entry is not None:
+            entry[0].close()
+        self._env = self._handles = None
+
+    def clear(self):
+        # remove the env files: dropping the tables would leave the file at its old size
+        self.close()
+        for name in ("data.mdb", "lock.mdb"):
+            try:
+                os.remove(os.path.join(self.uri.path, name))
+            except FileNotFoundError:
+                pass
+
+_LMDB_ENVS: dict[tuple[int, str], tuple] = {}  # (pid, path) -> (env, writable, db handles)
