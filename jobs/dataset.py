@@ -132,6 +132,15 @@ def cmd_import_seit(args) -> int:
     return 0
 
 
+def _src_dst(sub, name: str, fn, help: str) -> argparse.ArgumentParser:
+    s = sub.add_parser(name, help=help)
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--overwrite", action="store_true", help="replace whatever is at DST (a dataset or an interrupted write)")
+    s.set_defaults(fn=fn)
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -146,19 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("uri")
     s.set_defaults(fn=cmd_verify)
 
-    s = sub.add_parser("copy", help="copy a dataset between any two stores (resumable)")
-    s.add_argument("src")
-    s.add_argument("dst")
-    s.add_argument("--overwrite", action="store_true", help="replace a complete dataset at DST")
-    s.set_defaults(fn=cmd_copy)
-
-    s = sub.add_parser("subset", help="materialize a stratified, seeded subset within a storage budget")
-    s.add_argument("src")
-    s.add_argument("dst")
+    _src_dst(sub, "copy", cmd_copy, help="copy a dataset between any two stores (resumable)")
+    s = _src_dst(sub, "subset", cmd_subset, help="materialize a stratified, seeded subset within a storage budget")
     s.add_argument("--budget", required=True, help=BUDGET_FORMS.replace("%", "%%"))
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--overwrite", action="store_true")
-    s.set_defaults(fn=cmd_subset)
 
     s = sub.add_parser("synth", help="write a synthetic, spatially correlated token dataset (resumable)")
     s.add_argument("dst")

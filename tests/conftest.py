@@ -90,3 +90,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def flip_byte(path, offset: int) -> None:
+    """Corrupt a stored file in place: one byte inverted."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def write_image_folder(root, classes=("cat", "dog", "ship"), per_class: int = 10, size: int = 40) -> str:
+    """Smooth-with-texture PNGs laid out <root>/<class>/<file> (an image source for the jobs)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for c, name in enumerate(classes):
+        (root / name).mkdir()
+        for j in range(per_class):
+            base = np.stack([np.sin(6 * xx + j), np.cos(4 * yy + c), xx * yy], -1) * 100 + 128
+            img = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{j:03d}.png")
+    return str(root)

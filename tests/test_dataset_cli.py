@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_job, write_synth
+from conftest import flip_byte, run_job, write_image_folder, write_synth
 from tokray.storage.dataset import open_dataset
 
 CLASSES = ("cat", "dog", "ship")
@@ -14,28 +14,13 @@ CLASSES = ("cat", "dog", "ship")
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """36 noisy 24x24 PNGs laid out <root>/<class>/<file>."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(1)
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir()
-        for j in range(12):
-            img = np.clip(rng.normal(60 + 60 * c, 40, (24, 24, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / name / f"{j:03d}.png")
-    return str(root)
+    """36 PNGs of 24x24 laid out <root>/<class>/<file>."""
+    return write_image_folder(tmp_path_factory.mktemp("imgs"), CLASSES, per_class=12, size=24)
 
 
 def _last_json(out) -> dict:
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _flip(path, offset=80):
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +64,7 @@ def test_pixel_copy_to_s3_and_lmdb_and_subset(pixel_set, tmp_path, s3_bucket):
 
 def test_verify_names_a_flipped_pixel_shard(pixel_set, tmp_path):
     run_job("jobs/dataset.py", "-q", "copy", str(pixel_set), str(tmp_path / "px"))
-    _flip(tmp_path / "px" / "shard-00002.parquet")
+    flip_byte(tmp_path / "px" / "shard-00002.parquet", 80)
     out = run_job("jobs/dataset.py", "-q", "verify", str(tmp_path / "px"))
     assert out.returncode == 1
     assert "BAD shard-00002.parquet: sha256 mismatch" in out.stdout and "FAILED: 3/4 shards intact" in out.stdout

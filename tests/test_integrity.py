@@ -7,21 +7,15 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_job, write_synth
+from conftest import ROOT, flip_byte, run_job, write_synth
 from tokray.storage.dataset import open_dataset
 from tokray.storage.stores import ShardChecksumError
-
-
-def _flip_local(path, offset=100):
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def test_flipped_byte_local(tmp_path):
     uri = str(tmp_path / "ds")
     write_synth(uri, samples=1200, shard_rows=400)
-    _flip_local(tmp_path / "ds" / "shard-00001.parquet")
+    flip_byte(tmp_path / "ds" / "shard-00001.parquet", 100)
 
     out = run_job("jobs/dataset.py", "-q", "verify", uri)
     assert out.returncode == 1

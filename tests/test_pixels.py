@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import flip_byte, write_image_folder
 from tokray.data.images import ImageSource, decode_image
 from tokray.data.splits import validation_split
 from tokray.data.pixels import match_budget, write_pixel_dataset
@@ -19,28 +20,11 @@ CLASSES = ("cat", "dog", "ship")
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """30 smooth-with-texture 40x40 PNGs laid out <root>/<class>/<file> (resized to the target size)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:40, 0:40] / 40.0
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir()
-        for j in range(10):
-            base = np.stack([np.sin(6 * xx + j) , np.cos(4 * yy + c), xx * yy], -1) * 100 + 128
-            img = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / name / f"{j:03d}.png")
-    return str(root)
+    return write_image_folder(tmp_path_factory.mktemp("imgs"), CLASSES, per_class=10, size=40)
 
 
 def _dir_bytes(path):
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _flip(path, offset=60):
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def test_write_read_local(images, tmp_path):
@@ -94,7 +78,7 @@ def test_splits_and_bytes_follow_settings(images, tmp_path):
 def test_corrupt_shard_named(images, tmp_path):
     uri = str(tmp_path / "px")
     write_pixel_dataset(images, uri, size=8, quality=75, split="all", shard_rows=10)
-    _flip(tmp_path / "px" / "shard-00001.parquet")
+    flip_byte(tmp_path / "px" / "shard-00001.parquet", 60)
     ds = open_dataset(uri)
     ds.read_shard(0)  # intact shards still read
     with pytest.raises(ShardChecksumError, match=r"shard-00001.parquet.*jobs/dataset.py verify") as err:
@@ -123,7 +107,7 @@ def test_interrupted_write_resumes(images, tmp_path):
         open_dataset(uri)
     with pytest.raises(ValueError, match="other settings"):
         write_pixel_dataset(images, uri, size=8, quality=60, split="all", shard_rows=8)
-    _flip(tmp_path / "px" / "shard-00001.parquet")  # a damaged finished shard is rewritten
+    flip_byte(tmp_path / "px" / "shard-00001.parquet", 60)  # a damaged finished shard is rewritten
     out = write_pixel_dataset(images, uri, size=8, quality=50, split="all", shard_rows=8)
     assert (out["shards_skipped"], out["shards_written"]) == (1, 3)
     fresh = write_pixel_dataset(images, str(tmp_path / "fresh"), size=8, quality=50, split="all", shard_rows=8)

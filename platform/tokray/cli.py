@@ -6,6 +6,8 @@ Logging setup and joining Ray are process setup, used below the jobs too: ``tokr
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from typing import Callable
 
@@ -20,11 +22,26 @@ def run_main(main: Callable[[], int | None]) -> None:
     except USER_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code or 0)
+        code = 130
+    _exit(code or 0)
+
+
+def _exit(code: int) -> None:
+    """End the process once its work is done and reported, without C++ static destructors: Arrow's
+    Parquet thread pools can abort a finished process at interpreter teardown ("terminate called
+    without an active exception", exit 134; apache/arrow#34314). Ray and logging are shut down first."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None) -> None:

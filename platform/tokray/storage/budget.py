@@ -83,14 +83,18 @@ def _iter_selected(ds: Dataset, selected: np.ndarray, starts: np.ndarray):
             yield ds.read_shard(i).take(rows)
 
 
-def _estimated_bytes(ds: Dataset, selected: np.ndarray, starts: np.ndarray, meta) -> int:
-    """Bytes the subset would take on a file store: the real writer, into memory."""
-    writer = DatasetWriter("<memory>", meta, store=MemoryStore())
+def _write_selection(writer: DatasetWriter, ds: Dataset, selected: np.ndarray, starts: np.ndarray) -> Manifest:
+    """The dataset's side files and selected rows into ``writer``; the manifest ``commit`` would write."""
     for name in ds.manifest.files:
         writer.add_file(name, ds.read_file(name))
     for part in _iter_selected(ds, selected, starts):
         writer.write_table(part)
-    return writer.finish().store_bytes
+    return writer.finish()
+
+
+def _estimated_bytes(ds: Dataset, selected: np.ndarray, starts: np.ndarray, meta) -> int:
+    """Bytes the subset would take on a file store: the real writer, into memory."""
+    return _write_selection(DatasetWriter("<memory>", meta, store=MemoryStore()), ds, selected, starts).store_bytes
 
 
 def make_subset(src, dst, budget: Budget, seed: int = 0, overwrite: bool = False) -> Manifest:
@@ -121,11 +125,7 @@ def make_subset(src, dst, budget: Budget, seed: int = 0, overwrite: bool = False
     for attempt in range(8):
         selected = _selection(order, allocate(sizes, n))
         writer = DatasetWriter(dst, meta_for(n), overwrite=overwrite or attempt > 0)
-        for name in ds.manifest.files:
-            writer.add_file(name, ds.read_file(name))
-        for part in _iter_selected(ds, selected, starts):
-            writer.write_table(part)
-        manifest = writer.finish()
+        manifest = _write_selection(writer, ds, selected, starts)
         if limit is None or manifest.store_bytes <= limit:
             manifest = writer.commit(manifest)
             if limit is None or manifest.store_bytes <= limit:

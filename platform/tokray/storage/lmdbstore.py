@@ -165,12 +165,8 @@ class LMDBStore(Store):
         sids = np.array([self._KEY.unpack(k)[0] for k, _ in records], dtype=np.int64)
         return fmt.table_from_payloads(meta, [v[4:] for _, v in records], labels, sids)
 
-    def shard_intact(self, info):
-        try:
-            self._verified_scan(info)
-            return True
-        except ShardChecksumError:
-            return False
+    def check_shard(self, info):
+        self._verified_scan(info)
 
     def delete_shard(self, info):
         keys = [k for k, _ in self._scan(info)]

@@ -86,8 +86,15 @@ class Store(abc.ABC):
         """The verified table of one shard (``ShardChecksumError`` when its digest differs)."""
 
     @abc.abstractmethod
+    def check_shard(self, info: ShardInfo) -> None:
+        """Raise ``ShardChecksumError`` (or ``FileNotFoundError``) unless the shard is there, intact."""
+
     def shard_intact(self, info: ShardInfo) -> bool:
-        ...
+        try:
+            self.check_shard(info)
+            return True
+        except (ShardChecksumError, FileNotFoundError):
+            return False
 
     @abc.abstractmethod
     def delete_shard(self, info: ShardInfo) -> None:
@@ -169,14 +176,10 @@ class FileStore(Store):
     def read_shard(self, info, fmt, meta, columns=None):
         return fmt.decode_shard(self.read_shard_bytes(info), columns)
 
-    def shard_intact(self, info):
-        if self._size(info.path) != info.bytes:
-            return False
-        try:
-            self.read_shard_bytes(info)
-            return True
-        except ShardChecksumError:
-            return False
+    def check_shard(self, info):
+        if self._size(info.path) != info.bytes:  # cheap: a missing or truncated shard needs no GET
+            raise FileNotFoundError(f"{info.path} is missing or has another size than {info.bytes} bytes")
+        self.read_shard_bytes(info)
 
     def delete_shard(self, info):
         self._delete(info.path)

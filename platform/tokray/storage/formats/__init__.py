@@ -95,6 +95,14 @@ def label_fields() -> list[pa.Field]:
     return [pa.field(LABEL, pa.int32(), nullable=False), pa.field(SAMPLE_ID, pa.int64(), nullable=False)]
 
 
+def check_common_meta(meta) -> None:
+    """The settings every record kind has: rows per shard and the class names."""
+    if meta.shard_rows <= 0:
+        raise ValueError(f"shard_rows must be positive, got {meta.shard_rows}")
+    if not meta.class_names:
+        raise ValueError("class_names must name at least one class")
+
+
 def known_kinds() -> list[str]:
     return sorted(_FORMATS)
 

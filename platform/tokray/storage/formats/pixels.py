@@ -15,7 +15,8 @@ from typing import ClassVar, Iterable
 import numpy as np
 import pyarrow as pa
 
-from tokray.storage.formats import LABEL, SAMPLE_ID, RecordFormat, label_columns, label_fields, parquet_bytes
+from tokray.storage.formats import (LABEL, SAMPLE_ID, RecordFormat, check_common_meta, label_columns,
+                                    label_fields, parquet_bytes)
 
 JPEG = "jpeg"
 
@@ -37,10 +38,7 @@ class PixelMeta:
             raise ValueError(f"size must be a positive number of pixels (e.g. 32, 16, 8), got {self.size!r}")
         if not isinstance(self.quality, (int, np.integer)) or not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be a JPEG quality in 1..100 (e.g. 75), got {self.quality!r}")
-        if self.shard_rows <= 0:
-            raise ValueError(f"shard_rows must be positive, got {self.shard_rows}")
-        if not self.class_names:
-            raise ValueError("class_names must name at least one class")
+        check_common_meta(self)
 
     def to_json(self) -> dict:
         return {"encoding": "jpeg", "size": int(self.size), "quality": int(self.quality),

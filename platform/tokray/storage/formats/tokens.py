@@ -13,8 +13,8 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 
-from tokray.storage.formats import (LABEL, SAMPLE_ID, RecordFormat, label_columns, label_fields,
-                                    parquet_bytes)
+from tokray.storage.formats import (LABEL, SAMPLE_ID, RecordFormat, check_common_meta, label_columns,
+                                    label_fields, parquet_bytes)
 
 IDS = "ids"
 
@@ -38,10 +38,7 @@ class TokenMeta:
             raise ValueError(f"grid must be positive, got {self.grid}")
         if not 2 <= self.codebook_size <= 65536:
             raise ValueError(f"codebook_size {self.codebook_size} must be in [2, 65536] to fit uint16 ids")
-        if self.shard_rows <= 0:
-            raise ValueError(f"shard_rows must be positive, got {self.shard_rows}")
-        if not self.class_names:
-            raise ValueError("class_names must name at least one class")
+        check_common_meta(self)
 
     @property
     def tokens_per_sample(self) -> int:
