@@ -1,6 +1,11 @@
 """Train TokenAdapt (f and g) for a tokenizer, from the images it tokenizes.
 
   python jobs/train_tokenadapt.py --images ../shared/datasets/cifar10-train.tar --out runs/tokenadapt
+  python jobs/train_tokenadapt.py --images IMAGES --tokenizer diffusers:VQ_DIR [--tokens PRUNED_URI] --out runs/ta
+
+--tokenizer: a tokray tokenizer file or diffusers:PATH (a codebook-only tokenizer cannot make the
+targets tokenizer(A(x))); --tokens: the token dataset TokenAdapt will augment, when it was pruned
+(TokenAdapt then predicts its pruned ids).
 
 For each image x with tokens z, one view A (flip, rotate/translate/shear, random-resized crop) in
 normalized coordinates is applied to x and to f(z); the loss is CE(g(A(f(z))), tokenizer(A(x))).
@@ -25,7 +30,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="image source: a tar, a folder or an s3:// prefix")
     p.add_argument("--out", default="runs/tokenadapt", help="run directory (checkpoint, config, result)")
-    p.add_argument("--tokenizer", default="", help="tokenizer.safetensors (default: the embedded CIFAR-10 one)")
+    p.add_argument("--tokenizer", default="", help="PATH.safetensors or diffusers:PATH (default: the embedded "
+                   "CIFAR-10 tokenizer)")
+    p.add_argument("--tokens", default="", help="a token dataset pruned from --tokenizer's ids: train for its "
+                   "pruned ids")
     p.add_argument("--model", default=TokenAdaptConfig.model, help="registered TokenAdapt variant")
     p.add_argument("--model-args", default="{}", help='JSON overrides, e.g. \'{"dim": 64, "depth": 1}\'')
     p.add_argument("--steps", type=int, default=TokenAdaptConfig.steps)
@@ -47,7 +55,8 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    cfg = TokenAdaptConfig(images=args.images, out_dir=args.out, tokenizer=args.tokenizer, model=args.model,
+    cfg = TokenAdaptConfig(images=args.images, out_dir=args.out, tokenizer=args.tokenizer, tokens=args.tokens,
+                           model=args.model,
                            model_args=json.loads(args.model_args), steps=args.steps, batch_size=args.batch_size,
                            lr=args.lr, eval_every=args.eval_every, eval_images=args.eval_images,
                            val_per_class=args.val_per_class, max_images=args.max_images, seed=args.seed)

@@ -83,9 +83,10 @@ def test_interrupted_write_then_other_settings_then_overwrite(tmp_path):
 
     dst = tmp_path / "ds"
     gen = SynthTokens(seed=0)
-    writer = DatasetWriter(str(dst), gen.meta(500))  # interrupted: two shards, no manifest
-    for i in range(2):
-        writer.write_shard(i, *gen.chunk(500 * i, 500))
+    with pytest.raises(KeyboardInterrupt), DatasetWriter(str(dst), gen.meta(500)) as writer:
+        for i in range(2):
+            writer.write_shard(i, *gen.chunk(500 * i, 500))
+        raise KeyboardInterrupt  # interrupted: two shards, no manifest
     assert not (dst / "manifest.json").exists() and (dst / "_progress.json").exists()
 
     other = ("jobs/dataset.py", "-q", "synth", str(dst), "--samples", "3000", "--shard-rows", "500", "--seed", "1")

@@ -45,14 +45,16 @@ def test_data_spec_reads_the_untyped_summaries_of_older_checkpoints():
     assert tokens == DataSpec(kind="tokens", grid=(8, 8), codebook_size=512, tokenizer="abc123", class_names=("a", "b"))
     pixels = DataSpec.from_json({"kind": "pixels", "grid": [16, 16], "codebook_size": 0, "tokenizer": "jpeg:16px-q75",
                                  "class_names": classes, "quality": 75})
-    assert (pixels.kind, pixels.image_size, pixels.quality, pixels.grid, pixels.tokenizer) == ("pixels", 16, 75, (0, 0), "")
+    assert (pixels.kind, pixels.image_size, pixels.quality) == ("pixels", 16, 75)
+    assert (pixels.grid, pixels.codebook_size, pixels.tokenizer) == ((0, 0), 0, "")
     assert DataSpec.from_json(pixels.to_json()) == pixels and DataSpec.from_json(tokens.to_json()) == tokens
 
 
 def test_token_plan_carries_the_spec_and_codebook_and_pickles(tmp_path):
     plan = prepare(get_recipe("cifar_seit", out=str(tmp_path / "seit")), resume=False)
     assert isinstance(plan, RunPlan) and plan.config.out == str(tmp_path / "seit")
-    assert (plan.data.kind, plan.data.grid, plan.data.codebook_size, plan.data.num_classes) == ("tokens", (8, 8), 512, 10)
+    spec = plan.data
+    assert (spec.kind, spec.grid, spec.codebook_size, spec.num_classes) == ("tokens", (8, 8), 512, 10)
     assert plan.eval_data is not None and plan.eval_data.layout() == plan.data.layout()
     assert plan.num_samples == plan.data.num_samples > 0 and plan.resume_from is None
     assert plan.codebook is not None and plan.codebook.shape[0] == 512  # the frozen stem and the augmentation
@@ -63,17 +65,13 @@ def test_token_plan_carries_the_spec_and_codebook_and_pickles(tmp_path):
 
 
 def test_pixel_plan_has_no_token_fields(tmp_path):
-    from PIL import Image
-
+    from conftest import write_image_folder
     from tokray.data.pixels import write_pixel_dataset
 
-    rng = np.random.default_rng(0)
-    for c in ("cat", "dog"):
-        (tmp_path / "imgs" / c).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    (tmp_path / "imgs").mkdir()
     uri = str(tmp_path / "px")
-    write_pixel_dataset(str(tmp_path / "imgs"), uri, size=16, quality=75, split="all")
+    write_pixel_dataset(write_image_folder(tmp_path / "imgs", classes=("cat", "dog"), per_class=6), uri, size=16,
+                        quality=75, split="all")
     cfg = get_recipe("cifar_pixels", data=uri, eval_data=uri, out=str(tmp_path / "run"), model_args={"depth": 1})
     plan = prepare(cfg, resume=False)
     spec = plan.data

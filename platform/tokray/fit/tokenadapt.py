@@ -24,7 +24,7 @@ import models
 from tokray.augment.geometry import GeometrySpec, warp
 from tokray.augment.ops import embed
 from tokray.augment.tokenadapt import load_tokenadapt, save_tokenadapt, tokenadapt_logits
-from tokray.data.tokenizer import load_tokenizer, to_unit
+from tokray.data.tokenizer import load_tokenizer, require_can, to_unit
 from tokray.eval.agreement import agreement
 from tokray.fit.tokenizer import load_split
 from tokray.train.schedule import warmup_cosine
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 class TokenAdaptConfig:
     images: str
     out_dir: str
-    tokenizer: str = ""  # "" = the embedded CIFAR-10 tokenizer
+    tokenizer: str = ""  # a load_tokenizer spec (PATH.safetensors, diffusers:PATH); "" = the embedded CIFAR-10 one
+    tokens: str = ""  # a token dataset: train for its ids (the pruned view when it was pruned from the tokenizer)
     model: str = "tokenadapt_cifar"
     model_args: dict = dataclasses.field(default_factory=dict, hash=False)
     steps: int = 2000
@@ -82,9 +83,10 @@ def load_pixels(cfg: TokenAdaptConfig, size: int):
     return load_split(cfg, size)[1:]
 
 
-def _encode_all(tokenizer, pixels: np.ndarray, batch: int = 1000) -> torch.Tensor:
+def _encode_all(tokenizer, pixels: np.ndarray, batch: int = 0) -> torch.Tensor:
+    batch = batch or max(1, 1000 * 32 * 32 // tokenizer.image_size ** 2)  # 1000 at 32x32, 15 at 256x256
     with torch.no_grad():
-        return torch.cat([tokenizer.encode(to_unit(pixels[s:s + batch])) for s in range(0, len(pixels), batch)])
+        return torch.cat([tokenizer.encode(to_unit(pixels[s:s + batch])).cpu() for s in range(0, len(pixels), batch)])
 
 
 def _source_ids(cfg: TokenAdaptConfig, tokenizer, fingerprint: str, train_px: np.ndarray) -> torch.Tensor:
@@ -116,12 +118,13 @@ def train(cfg: TokenAdaptConfig, resume: bool = True, progress: bool = True) -> 
     if not cfg.tokenizer:
         from tokray.assets import default_tokenizer
         cfg = dataclasses.replace(cfg, tokenizer=default_tokenizer())
-    tokenizer, tok_info = load_tokenizer(cfg.tokenizer)
-    tokenizer.requires_grad_(False)
+    tokenizer, tok_info = load_tokenizer(cfg.tokenizer, for_dataset=cfg.tokens or None)
+    require_can(tokenizer, "encode", "TokenAdapt training (targets are tokenizer(A(x)))")
+    log.info("tokenizer: %s", tokenizer.describe())
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
-    codebook = tokenizer.quantizer.codebook
+    codebook = tokenizer.codebook
     model_args = {"vocab_size": int(codebook.shape[0]), "token_dim": int(codebook.shape[1]),
                   "grid": tuple(tokenizer.grid), "out_grid": tuple(tokenizer.grid), **cfg.model_args}
     model = models.create_model(cfg.model, **model_args)

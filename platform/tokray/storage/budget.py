@@ -130,7 +130,7 @@ def make_subset(src, dst, budget: Budget, seed: int = 0, overwrite: bool = False
             manifest = writer.commit(manifest)
             if limit is None or manifest.store_bytes <= limit:
                 return manifest
-        writer.store.clear()  # over budget on this store (e.g. LMDB pages): shrink and rewrite
+        writer.discard()  # over budget on this store (e.g. LMDB pages): shrink and rewrite
         n = max(1, int(n * min(0.99, limit / manifest.store_bytes)))
     raise ValueError(f"could not fit {src} into budget {budget} on {dst}; try a larger budget")
 

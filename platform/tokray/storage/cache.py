@@ -29,12 +29,13 @@ class ShardCache:
         self.max_bytes = int(max_bytes)
         self.hits = 0
         self.misses = 0
+        self._warned = False
 
     def __repr__(self):
         return f"ShardCache({self.root!r}, max_bytes={self.max_bytes})"
 
-    def _path(self, digest: str) -> str:
-        return os.path.join(self.root, f"{digest}.shard")
+    def _path(self, digest: str, tag: str = "") -> str:
+        return os.path.join(self.root, f"{digest}{'-' + tag if tag else ''}.shard")
 
     @contextlib.contextmanager
     def _locked(self):
@@ -63,9 +64,11 @@ class ShardCache:
         return sum(size for _, size, _ in self._entries())
 
     def get(self, digest: str, fetch: Callable[[], bytes],
-            on_corrupt: Callable[[str], Exception] | None = None) -> bytes:
-        """Bytes of the entry ``digest``; ``fetch`` (which must verify) fills a miss."""
-        data = self._read(digest)
+            on_corrupt: Callable[[str], Exception] | None = None, tag: str = "") -> bytes:
+        """Bytes of the entry ``digest`` (``tag``: e.g. the object's ETag; another tag is another
+        entry); ``fetch`` (which must verify) fills a miss. A cache volume that cannot be read or
+        written (full, read-only) is bypassed with a warning: the store answers instead."""
+        data = self._guarded(lambda: self._read(digest, tag), "read")
         if data is not None:
             self.hits += 1
             return data
@@ -74,11 +77,21 @@ class ShardCache:
         actual = sha256(data)
         if actual != digest:  # never cache (or return) bytes that do not match their address
             raise on_corrupt(actual) if on_corrupt else ValueError(f"cache insert: sha256 {actual} != {digest}")
-        self._insert(digest, data)
+        self._guarded(lambda: self._insert(digest, data, tag), "write")
         return data
 
-    def _read(self, digest: str) -> bytes | None:
-        path = self._path(digest)
+    def _guarded(self, fn, what: str):
+        try:
+            return fn()
+        except OSError as e:
+            if not self._warned:
+                log.warning("shard cache %s cannot %s (%s: %s); reading from the store without the cache", self.root,
+                            what, type(e).__name__, e)
+                self._warned = True
+            return None
+
+    def _read(self, digest: str, tag: str = "") -> bytes | None:
+        path = self._path(digest, tag)
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -93,12 +106,12 @@ class ShardCache:
             os.utime(path)  # mtime is the LRU clock
         return data
 
-    def _insert(self, digest: str, data: bytes) -> None:
+    def _insert(self, digest: str, data: bytes, tag: str = "") -> None:
         if len(data) > self.max_bytes:
             log.debug("shard %s (%d B) exceeds the cache limit %d B; not cached", digest, len(data), self.max_bytes)
             return
         with self._locked():
-            if os.path.exists(self._path(digest)):
+            if os.path.exists(self._path(digest, tag)):
                 return
             entries = sorted(self._entries())
             used = sum(size for _, size, _ in entries)
@@ -108,14 +121,35 @@ class ShardCache:
                     os.remove(os.path.join(self.root, name))
                 used -= size
             tmp = os.path.join(self.root, f".{digest}.tmp-{uuid.uuid4().hex[:8]}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self._path(digest))
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, self._path(digest, tag))
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)  # a full volume keeps no partial entry
+
+
+def env_number(name: str, default, kind=int):
+    """A numeric setting from the environment; anything else is an error naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = kind(raw)
+        if kind is int and str(value) != raw.strip():
+            raise ValueError(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a{'n integer' if kind is int else ' number'}; "
+                         f"unset it for the default ({default})") from None
+    if value < 0:
+        raise ValueError(f"environment variable {name}={raw!r} must be >= 0")
+    return value
 
 
 def default_cache() -> ShardCache | None:
-    """The node's cache from TOKRAY_CACHE_DIR / TOKRAY_CACHE_BYTES; TOKRAY_CACHE_BYTES=0 disables it."""
-    max_bytes = int(float(os.environ.get("TOKRAY_CACHE_BYTES", DEFAULT_CACHE_BYTES)))
+    """The node's cache from TOKRAY_CACHE_DIR / TOKRAY_CACHE_BYTES (bytes, an integer); 0 disables it."""
+    max_bytes = env_number("TOKRAY_CACHE_BYTES", DEFAULT_CACHE_BYTES, int)
     if max_bytes == 0:
         return None
     root = os.environ.get("TOKRAY_CACHE_DIR") or os.path.join(

@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
+import uuid
 from typing import Iterator
 
 import numpy as np
@@ -18,7 +21,8 @@ from tokray.storage.cache import ShardCache
 from tokray.storage.formats import LABEL, format_of
 from tokray.storage.lmdbstore import LMDBStore
 from tokray.storage.manifest import MANIFEST_NAME, PROGRESS_NAME, Manifest, ShardInfo, meta_from_json, meta_to_json
-from tokray.storage.stores import ShardChecksumError, Store, open_store, sha256
+from tokray.storage.stores import ShardChecksumError, Store, open_store, same_location, sha256
+from tokray.storage.uri import parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,24 @@ class Dataset:
         return self.manifest.num_samples
 
     def read_shard(self, i: int, columns: list[str] | None = None) -> pa.Table:
-        return self.store.read_shard(self.manifest.shards[i], self.format, self.meta, columns)
+        """Shard ``i``, verified: its digest, then its rows against the manifest (count, sample ids, and what
+        the format checks, e.g. ids per sample = the grid and every id < codebook_size)."""
+        info = self.manifest.shards[i]
+        table = self.store.read_shard(info, self.format, self.meta, columns)
+        sids = table.column("sample_id") if "sample_id" in table.column_names else None
+        if table.num_rows != info.rows or (sids is not None and table.num_rows and (
+                sids[0].as_py() != info.first_sample_id or sids[-1].as_py() != info.last_sample_id)):
+            raise ValueError(f"shard {info.path!r} of {self.uri} holds {table.num_rows} rows (sample ids "
+                             f"{sids[0].as_py() if sids is not None and len(sids) else '-'}..), but the manifest says "
+                             f"{info.rows} ({info.first_sample_id}..{info.last_sample_id}); the manifest was edited or "
+                             f"belongs to another dataset: re-create or re-copy it")
+        if columns is None:
+            try:
+                self.format.check_table(self.meta, table)
+            except ValueError as e:
+                raise ValueError(f"shard {info.path!r} of {self.uri} does not match its manifest: {e}; the manifest "
+                                 "was edited or belongs to another dataset: re-create or re-copy it") from None
+        return table
 
     def iter_tables(self, shard_indices=None) -> Iterator[pa.Table]:
         for i in (range(len(self.manifest.shards)) if shard_indices is None else shard_indices):
@@ -62,7 +83,7 @@ class Dataset:
         """A side file of the dataset (e.g. its codebook), checked against its recorded sha256."""
         if name not in self.manifest.files:
             raise FileNotFoundError(f"{self.uri} has no file {name!r}; it has: {sorted(self.manifest.files) or 'none'}")
-        data = self.store.read_meta(name)
+        data = self.store.read_meta(self.manifest.files[name].get("path", name))
         if data is None:
             raise FileNotFoundError(f"{self.uri}: {name} is in the manifest but missing from the store")
         want = self.manifest.files[name]["sha256"]
@@ -90,20 +111,21 @@ class Dataset:
             if on_shard:
                 on_shard()
             try:
-                table = self.store.read_shard(info, self.format, self.meta)
-                if table.num_rows != info.rows:
-                    problems.append(f"{info.path}: {table.num_rows} rows, manifest says {info.rows}")
+                self.read_shard(self.manifest.shards.index(info))
             except ShardChecksumError as e:
                 problems.append(f"{info.path}: sha256 mismatch ({e})")
             except FileNotFoundError:
                 problems.append(f"{info.path}: missing from the store")
             except (OSError, pa.ArrowException) as e:
                 problems.append(f"{info.path}: unreadable ({type(e).__name__}: {e})")
+            except ValueError as e:
+                problems.append(f"{info.path}: {e}")
         return problems
 
 
-def open_dataset(uri, cache: ShardCache | None = None) -> Dataset:
-    """The complete dataset at ``uri``, of any record kind (tokens, pixels)."""
+def open_dataset(uri, cache: ShardCache | None | bool = None) -> Dataset:
+    """The complete dataset at ``uri``, of any record kind (tokens, pixels). ``cache``: for remote stores,
+    a ShardCache, None (the node's) or False (read the store itself, e.g. to verify it)."""
     store = open_store(uri, cache=cache)
     store.check(for_write=False)
     data = store.read_meta(MANIFEST_NAME)
@@ -128,18 +150,24 @@ class DatasetWriter:
     no manifest.
     """
 
-    def __init__(self, uri, meta, overwrite: bool = False, store: Store | None = None):
+    def __init__(self, uri, meta, overwrite: bool = False, store: Store | None = None, source: str = ""):
+        """``source``: what the records come from (e.g. the source manifest's digest): a rerun that
+        would resume an interrupted write from another source is refused, naming both."""
         self.store = store if store is not None else open_store(uri)
         self.meta = meta
         self.format = format_of(meta)
+        self.source = source
         self.store.check(for_write=True)
-        if overwrite and self.store.exists():
-            self.store.clear()
-        elif self.store.read_meta(MANIFEST_NAME) is not None:
-            raise FileExistsError(f"a dataset already exists at {self.store.uri}; choose another "
-                                  "destination or pass --overwrite to replace it")
-        self.files: dict[str, dict] = {}
-        self.done: dict[int, ShardInfo] = self._resumable_shards()
+        self._lock = self.store.writer_lock()
+        self._lock.__enter__()  # held until commit, or until the with-block ends
+        self._final: Store | None = None  # the location a replacing write swaps into at commit
+        try:
+            self._prepare_destination(overwrite)
+            self.files: dict[str, dict] = {}
+            self.done: dict[int, ShardInfo] = self._resumable_shards()
+        except BaseException:
+            self._release()
+            raise
         self._buf: list[pa.Table] = []
         self._buffered = 0
         self._next = 0
@@ -148,11 +176,58 @@ class DatasetWriter:
             log.info("resuming the write to %s: %d shards already present and intact",
                      self.store.uri, len(self.done))
 
+    def _prepare_destination(self, overwrite: bool) -> None:
+        """Refuse an existing dataset without ``overwrite``; with it, write the new one beside the old one
+        (file stores: a new generation folder; LMDB: a staging environment), which stays readable and whole
+        until the new manifest lands."""
+        complete = self.store.read_meta(MANIFEST_NAME) is not None
+        if not overwrite:
+            if complete:
+                raise FileExistsError(f"a dataset already exists at {self.store.uri}; choose another "
+                                      "destination or pass --overwrite to replace it")
+            return
+        if not complete:
+            if self.store.exists():
+                self.store.clear()  # only an interrupted write there: nothing to keep
+            return
+        self.store.delete_meta(PROGRESS_NAME)  # an earlier interrupted replacement: start over
+        if isinstance(self.store, LMDBStore):
+            self._final = self.store
+            self.store = LMDBStore(parse_uri(f"lmdb://{self.store.uri.path}.staging-{uuid.uuid4().hex[:8]}"))
+            self.store.check(for_write=True)
+        else:
+            self.store.new_generation()
+
+    def discard(self) -> None:
+        """Drop what this write stored (a replaced dataset stays as it was) and release the destination."""
+        if self._final is not None:
+            self.store.close()
+            shutil.rmtree(self.store.uri.path, ignore_errors=True)
+        elif self.store.generation:
+            for info in self.done.values():
+                self.store.delete_shard(info)
+            for f in self.files.values():
+                self.store.delete_meta(f.get("path", ""))
+            self.store.delete_meta(PROGRESS_NAME)
+        else:
+            self.store.clear()
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
+
     def _resumable_shards(self) -> dict[int, ShardInfo]:
         data = self.store.read_meta(PROGRESS_NAME)
         if data is None:
             return {}
         progress = json.loads(data)
+        previous_source = progress.get("source", "")
+        if self.source and previous_source and previous_source != self.source:
+            raise ValueError(
+                f"{self.store.uri} holds an interrupted write from another source ({previous_source}; this run reads "
+                f"{self.source}); rerun with the first source to resume it, or --overwrite to start over")
         self.files = dict(progress.get("files", {}))
         previous = meta_from_json(progress["meta"], str(self.store.uri))
         if previous != self.meta or type(previous) is not type(self.meta):
@@ -172,18 +247,22 @@ class DatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
+        try:
+            if exc_type is None:
+                self.close()
+        finally:
+            self._release()
 
     def shard_done(self, index: int) -> bool:
         return index in self.done
 
     def add_file(self, name: str, data: bytes) -> None:
         """Store a side file (e.g. a codebook) with the dataset; listed and digested in the manifest."""
-        if name in RESERVED_NAMES or name.endswith(".parquet") or "/" in name:
+        if name in RESERVED_NAMES or name.endswith(".parquet") or "/" in name or name.startswith(("g-", "_", ".")):
             raise ValueError(f"side file name {name!r} is reserved or not a plain name")
-        self.store.write_meta(name, data)
-        self.files[name] = {"bytes": len(data), "sha256": sha256(data)}
+        path = self.store.object_name(name)
+        self.store.write_meta(path, data)
+        self.files[name] = {"bytes": len(data), "sha256": sha256(data), **({"path": path} if path != name else {})}
         self._save_progress()
 
     def write(self, *columns) -> None:
@@ -223,7 +302,7 @@ class DatasetWriter:
         return info
 
     def _save_progress(self) -> None:
-        progress = {"meta": meta_to_json(self.meta), "files": self.files,
+        progress = {"meta": meta_to_json(self.meta), "source": self.source, "files": self.files,
                     "shards": {str(i): dataclasses.asdict(s) for i, s in sorted(self.done.items())}}
         self.store.write_meta(PROGRESS_NAME, json.dumps(progress).encode())
 
@@ -248,6 +327,10 @@ class DatasetWriter:
         return manifest.with_store_bytes(self.store.overhead_bytes(shards))
 
     def commit(self, manifest: Manifest) -> Manifest:
+        replacing = self._final is not None or bool(self.store.generation)
+        if replacing:  # the new dataset must be whole before it replaces the old one
+            for info in manifest.shards:
+                self.store.check_shard(info)
         self.store.write_meta(MANIFEST_NAME, manifest.dumps())  # last: only now is the dataset complete
         self.store.delete_meta(PROGRESS_NAME)
         for _ in range(5):  # report what the store really holds (LMDB pages move as the manifest lands)
@@ -257,6 +340,12 @@ class DatasetWriter:
             manifest = dataclasses.replace(manifest, store_bytes=actual)
             self.store.write_meta(MANIFEST_NAME, manifest.dumps())
         self.store.close()
+        if self._final is not None:
+            swap_in(self.store, self._final)
+            self.store = self._final
+        elif replacing:
+            self.store.remove_unreferenced(manifest)  # the old generation, after the commit point
+        self._release()
         self.manifest = manifest
         log.info("wrote %s: %d samples in %d shards, %d bytes on the store",
                  self.store.uri, manifest.num_samples, len(manifest.shards), manifest.store_bytes)
@@ -266,10 +355,31 @@ class DatasetWriter:
         return self.manifest if self.manifest is not None else self.commit(self.finish(num_shards))
 
 
+def swap_in(staged: LMDBStore, final: LMDBStore) -> None:
+    """Replace the environment at ``final`` by the complete one at ``staged`` (two renames)."""
+    old = f"{final.uri.path}.old-{uuid.uuid4().hex[:8]}"
+    final.close()
+    os.rename(final.uri.path, old)
+    os.rename(staged.uri.path, final.uri.path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def manifest_digest(ds: Dataset) -> str:
+    """The identity of a dataset's content: the digest of its manifest."""
+    return "manifest:" + sha256(ds.manifest.dumps())[:16]
+
+
+def refuse_same_location(src: Dataset, dst) -> None:
+    if same_location(src.store.uri, parse_uri(dst)):
+        raise ValueError(f"source and destination are the same dataset ({src.uri}); choose another destination "
+                         "(--overwrite would replace the source while reading it)")
+
+
 def copy_dataset(src, dst, overwrite: bool = False, progress=None) -> Manifest:
     """Copy shard by shard between any two stores, verifying every shard read."""
     source = open_dataset(src)
-    with DatasetWriter(dst, source.meta, overwrite=overwrite) as writer:
+    refuse_same_location(source, dst)
+    with DatasetWriter(dst, source.meta, overwrite=overwrite, source=manifest_digest(source)) as writer:
         for name in source.manifest.files:
             writer.add_file(name, source.read_file(name))
         for i in range(len(source.manifest.shards)):

@@ -16,7 +16,8 @@ import pyarrow as pa
 
 from tokray.storage.formats import LABEL, SAMPLE_ID
 from tokray.storage.manifest import ShardInfo
-from tokray.storage.stores import ShardChecksumError, Store, shard_name
+from tokray.storage.local import sibling_lock
+from tokray.storage.stores import ShardChecksumError, Store, StoreWriteError, shard_name
 from tokray.storage.uri import StoreURI
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class LMDBStore(Store):
             env = lmdb.open(self.uri.path, map_size=self.map_size, max_dbs=2, subdir=True)
         else:
             self.check(for_write=False)
+            check_not_truncated(os.path.join(self.uri.path, "data.mdb"), str(self.uri))
             env = lmdb.open(self.uri.path, readonly=True, lock=False, max_dbs=2, subdir=True, readahead=False)
         # opened once, outside any transaction (open_db inside a write txn would deadlock)
         handles = (env.open_db(b"meta", create=write), env.open_db(b"records", create=write))
@@ -89,6 +91,13 @@ class LMDBStore(Store):
                 self.map_size *= 2  # a large map costs no disk; grow and redo the whole transaction
                 env.set_mapsize(self.map_size)
                 log.info("LMDB map full at %s; grew map to %d MiB", self.uri, self.map_size >> 20)
+            except lmdb.Error as e:  # e.g. no space left on the device: the transaction did not happen
+                raise StoreWriteError(f"cannot write to the LMDB environment {self.uri}: {e}; free space or choose "
+                                      "another destination, then rerun the same command (finished shards are kept)"
+                                      ) from None
+
+    def writer_lock(self):
+        return sibling_lock(self.uri.path, self.uri)
 
     def read_meta(self, name):
         if not os.path.exists(os.path.join(self.uri.path, "data.mdb")):
@@ -220,5 +229,33 @@ class LMDBStore(Store):
                 os.remove(os.path.join(self.uri.path, name))
             except FileNotFoundError:
                 pass
+
+def check_not_truncated(data_file: str, uri: str) -> None:
+    """Refuse a data.mdb shorter than its own meta pages say (mapping it would die of SIGBUS on first read).
+
+    The two meta pages sit at offsets 0 and psize; the newer (larger txnid) gives the last page in use."""
+    size = os.path.getsize(data_file)
+    with open(data_file, "rb") as f:
+        head = f.read(4096 * 2 + 160)
+    need = 0
+    if len(head) >= 160:
+        magic, = struct.unpack_from("<I", head, 16)
+        psize, = struct.unpack_from("<I", head, 40)  # the free DB's md_pad holds the page size
+        if magic == 0xBEEFC0DE and psize >= 512:
+            metas = [head[0:160]]
+            with open(data_file, "rb") as f:
+                f.seek(psize)
+                metas.append(f.read(160))
+            best = max((m for m in metas if len(m) == 160 and struct.unpack_from("<I", m, 16)[0] == 0xBEEFC0DE),
+                       key=lambda m: struct.unpack_from("<Q", m, 144)[0])
+            last_pg, = struct.unpack_from("<Q", best, 136)
+            need = (last_pg + 1) * psize
+    if len(head) < 160 or need == 0:
+        raise ValueError(f"{uri}: data.mdb ({size} bytes) is not a readable LMDB environment; re-copy the dataset "
+                         f"there with `python jobs/dataset.py copy SRC {uri} --overwrite`")
+    if size < need:
+        raise ValueError(f"{uri}: data.mdb is truncated ({size} bytes; its pages need {need}); re-copy the dataset "
+                         f"there with `python jobs/dataset.py copy SRC {uri} --overwrite`")
+
 
 _LMDB_ENVS: dict[tuple[int, str], tuple] = {}  # (pid, path) -> (env, writable, db handles)

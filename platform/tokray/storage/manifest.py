@@ -27,6 +27,29 @@ class ShardInfo:
     last_sample_id: int
 
 
+def check_shard_list(shards: tuple[ShardInfo, ...], where: str) -> None:
+    """A manifest must name each shard once, inside the dataset, with ordered, disjoint sample-id ranges."""
+    hint = "the manifest was edited or is damaged: re-create or re-copy the dataset"
+    paths = [s.path for s in shards]
+    if len(set(paths)) != len(paths):
+        twice = sorted({p for p in paths if paths.count(p) > 1})
+        raise ValueError(f"{where}: manifest lists shard {twice[0]!r} more than once; {hint}")
+    for s in shards:
+        parts = s.path.replace("\\", "/").split("/")
+        if s.path.startswith("/") or ".." in parts or "" in parts:
+            raise ValueError(f"{where}: manifest shard path {s.path!r} leaves the dataset; {hint}")
+        ascending = s.first_sample_id <= s.last_sample_id  # (writers may store any order within a shard)
+        if s.rows < 0 or (s.rows and ascending and s.last_sample_id - s.first_sample_id + 1 < s.rows):
+            raise ValueError(f"{where}: shard {s.path!r} claims {s.rows} rows in sample ids "
+                             f"{s.first_sample_id}..{s.last_sample_id}; {hint}")
+    for a, b in zip(shards, shards[1:]):
+        if a.rows and b.rows and a.first_sample_id <= a.last_sample_id <= b.last_sample_id \
+                and b.first_sample_id <= a.last_sample_id:
+            raise ValueError(f"{where}: shards {a.path!r} and {b.path!r} overlap in sample ids "
+                             f"({a.first_sample_id}..{a.last_sample_id} and {b.first_sample_id}..{b.last_sample_id}); "
+                             f"{hint}")
+
+
 def meta_to_json(meta) -> dict:
     return {"kind": format_of(meta).manifest_kind, **meta.to_json()}
 
@@ -89,6 +112,7 @@ class Manifest:
             raise ValueError(f"{where}: manifest.json is missing or has a malformed field ({e!r})") from e
         if sum(s.rows for s in shards) != manifest.num_samples:
             raise ValueError(f"{where}: manifest num_samples {manifest.num_samples} != sum of shard rows")
+        check_shard_list(shards, where)
         return manifest
 
     def with_store_bytes(self, other_bytes: int) -> "Manifest":

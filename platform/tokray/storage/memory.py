@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from tokray.storage.stores import FileStore
 from tokray.storage.uri import StoreURI
 
@@ -27,7 +29,10 @@ class MemoryStore(FileStore):
     def _delete(self, name):
         self.objects.pop(name, None)
 
-    def _list(self):
+    def _list_all(self):
         return sorted(self.objects)
+
+    def writer_lock(self):
+        return contextlib.nullcontext()
 
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
+import time
+import uuid
 
-from tokray.storage.cache import ShardCache, default_cache
-from tokray.storage.stores import FileStore, ShardChecksumError, StoreUnavailableError
+from tokray.storage.cache import ShardCache, default_cache, env_number
+from tokray.storage.stores import FileStore, ShardChecksumError, StoreUnavailableError, WriterLockedError
 from tokray.storage.uri import StoreURI
+
+LOCK_NAME = "_writer.lock"
 
 
 class S3Store(FileStore):
@@ -16,14 +23,22 @@ class S3Store(FileStore):
     AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/{config,credentials}, instance
     profiles. Nothing of them is stored in a manifest or logged. A single PUT is atomic on S3,
     and the manifest is written last, so an interrupted write never looks complete.
+
+    Every call has a connect and a read timeout (``TOKRAY_S3_CONNECT_TIMEOUT``, default 10 s;
+    ``TOKRAY_S3_READ_TIMEOUT``, default 20 s) and botocore's standard retries (3 attempts), so a
+    dead endpoint fails within about a minute, naming the endpoint. The first shard read lists
+    the prefix once: the cache answers only for objects that are still there with the size and
+    ETag they had when cached.
     """
 
     remote = True  # reads go through the node's shard cache
 
-    def __init__(self, uri: StoreURI, cache: ShardCache | None = None):
+    def __init__(self, uri: StoreURI, cache: ShardCache | None | bool = None):
+        """``cache``: a ShardCache, None (the node's, from the environment) or False (read the store itself)."""
         self.uri = uri
-        self.cache = cache if cache is not None else default_cache()
+        self.cache = None if cache is False else (cache if cache is not None else default_cache())
         self._fs = None
+        self._objects: dict[str, tuple[int, str]] | None = None  # name -> (size, ETag), listed on first read
 
     @property
     def endpoint(self) -> str:
@@ -40,13 +55,16 @@ class S3Store(FileStore):
                 client_kwargs["endpoint_url"] = endpoint
             self._fs = s3fs.S3FileSystem(
                 client_kwargs=client_kwargs, use_listings_cache=False, skip_instance_cache=True,
-                # botocore retries transient errors (throttling, 5xx, resets); s3fs retries its own set
-                config_kwargs={"connect_timeout": 5, "read_timeout": 60,
+                config_kwargs={"connect_timeout": env_number("TOKRAY_S3_CONNECT_TIMEOUT", 10, float),
+                               "read_timeout": env_number("TOKRAY_S3_READ_TIMEOUT", 20, float),
                                "retries": {"max_attempts": 3, "mode": "standard"}})
+            # botocore retries transient errors (throttling, 5xx, resets, timeouts); s3fs's own retry loop
+            # (5 more rounds of those) would multiply a dead endpoint's wait, so it runs once
+            self._fs.retries = 1
         return self._fs
 
     def __getstate__(self):
-        return {"uri": self.uri, "cache": self.cache, "_fs": None}
+        return {"uri": self.uri, "cache": self.cache, "_fs": None, "_objects": None, "generation": self.generation}
 
     def _key(self, name):
         return f"{self.uri.bucket}/{self.uri.child(name)}"
@@ -92,18 +110,73 @@ class S3Store(FileStore):
         except FileNotFoundError:
             pass
 
-    def _list(self):
+    def _listing(self) -> dict[str, tuple[int, str]]:
+        """Every object below the prefix: relative name -> (size, ETag), in one LIST."""
+        root = f"{self.uri.bucket}/{self.uri.path}".rstrip("/")
         try:
-            paths = self._call("LIST", self.fs.ls, f"{self.uri.bucket}/{self.uri.path}", False)
+            found = self._call("LIST", lambda: self.fs.find(root, detail=True))
         except FileNotFoundError:
-            return []
-        return sorted(p.rsplit("/", 1)[-1] for p in paths)
+            return {}
+        return {k[len(root) + 1:]: (int(v.get("size", -1)), str(v.get("ETag", "")).strip('"'))
+                for k, v in found.items() if k.startswith(root + "/")}
+
+    def _list_all(self):
+        return sorted(self._listing())
 
     def read_shard_bytes(self, info):
         if self.cache is None:
             return super().read_shard_bytes(info)
-        return self.cache.get(info.sha256, lambda: self._checked(info, self._get(info.path)),
+        if self._objects is None:
+            self._objects = self._listing()
+        size, etag = self._objects.get(info.path, (None, ""))
+        if size is None:
+            raise FileNotFoundError(f"{info.path} is not on {self.uri}")
+        if size != info.bytes:  # changed on the store: read it (and fail its digest), never the cached copy
+            return super().read_shard_bytes(info)
+        # the cache entry is the object as it was: same digest *and* same ETag
+        return self.cache.get(info.sha256, lambda: self._checked(info, self._get(info.path)), tag=etag,
                               on_corrupt=lambda actual: ShardChecksumError(str(self.uri), info.path,
                                                                            info.sha256, actual))
 
+    @contextlib.contextmanager
+    def writer_lock(self):
+        """A lock object created only if absent (a conditional PUT); a lock older than
+        ``TOKRAY_S3_LOCK_STALE_S`` (default 900 s; a killed writer's) is taken over."""
+        body = json.dumps({"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                           "time": time.time()}).encode()
+        key = self.uri.child(LOCK_NAME)
+        for attempt in range(2):
+            try:
+                self.fs.call_s3("put_object", Bucket=self.uri.bucket, Key=key, Body=body, IfNoneMatch="*")
+                break
+            except Exception as e:  # s3fs raises FileExistsError for 412 PreconditionFailed: someone holds it
+                if not isinstance(e, FileExistsError) and "PreconditionFailed" not in repr(e):
+                    raise StoreUnavailableError(f"S3 PUT {LOCK_NAME} at {self.uri} failed (endpoint "
+                                                f"{self.endpoint}): {type(e).__name__}: {e}") from None
+                held = json.loads(self.read_meta(LOCK_NAME) or b"{}")
+                age = time.time() - float(held.get("time", 0))
+                if attempt == 0 and _holder_gone(held, age):
+                    self._delete(LOCK_NAME)  # its writer was killed
+                    continue
+                raise WriterLockedError(
+                    f"another writer ({held.get('host')}, pid {held.get('pid')}, {age:.0f} s ago) is writing "
+                    f"{self.uri}; wait for it to finish, or delete s3://{self.uri.bucket}/{key} if it was "
+                    "killed") from None
+        try:
+            yield
+        finally:
+            self._delete(LOCK_NAME)
 
+
+
+
+def _holder_gone(held: dict, age: float) -> bool:
+    """A lock's writer is gone: a dead process on this host, or a lock older than TOKRAY_S3_LOCK_STALE_S."""
+    if held.get("host") == socket.gethostname():
+        try:
+            os.kill(int(held.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            pass
+    return age > env_number("TOKRAY_S3_LOCK_STALE_S", 900, float)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import hashlib
 import importlib
 import json
+import uuid
 
 import pyarrow as pa
 
@@ -53,6 +55,29 @@ class StoreUnavailableError(ConnectionError):
     """The store cannot be reached or is misconfigured (endpoint, credentials)."""
 
 
+class StoreWriteError(ValueError):
+    """The store refused a write: disk full, read-only, no permission. Nothing partial is left behind."""
+
+
+class WriterLockedError(ValueError):
+    """Another writer holds the destination."""
+
+
+_WRITE_FAULTS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the filesystem is read-only",
+                 errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}
+
+
+def write_error(uri, name: str, e: OSError) -> StoreWriteError:
+    """One clear line for a failed write (what failed, why, what to do)."""
+    why = _WRITE_FAULTS.get(e.errno, f"{type(e).__name__}: {e}")
+    return StoreWriteError(f"cannot write {name} to {uri}: {why}; free space or fix the permissions, or choose "
+                           "another destination, then rerun the same command (finished shards are kept)")
+
+
+def same_location(a: StoreURI, b: StoreURI) -> bool:
+    return (a.scheme, a.bucket, a.path.rstrip("/")) == (b.scheme, b.bucket, b.path.rstrip("/"))
+
+
 def shard_name(index: int, scheme: str) -> str:
     return f"records-{index:05d}" if scheme == "lmdb" else f"shard-{index:05d}.parquet"
 
@@ -61,6 +86,10 @@ class Store(abc.ABC):
     """Common API; ``open_store`` picks the implementation from the URI."""
 
     uri: StoreURI
+    generation = ""  # file stores: the folder new objects go to (see FileStore)
+
+    def object_name(self, name: str) -> str:
+        return f"{self.generation}/{name}" if self.generation else name
 
     def check(self, for_write: bool) -> None:
         """Fail early with a clear error if the location cannot be used."""
@@ -120,6 +149,11 @@ class Store(abc.ABC):
     def close(self) -> None:
         """Release handles (LMDB envs); the store reopens on next use."""
 
+    @abc.abstractmethod
+    def writer_lock(self):
+        """A context manager held by the one writer of this location; a second writer gets
+        ``WriterLockedError`` at once."""
+
     def _checked(self, info: ShardInfo, data: bytes) -> bytes:
         actual = sha256(data)
         if actual != info.sha256:
@@ -128,7 +162,28 @@ class Store(abc.ABC):
 
 
 class FileStore(Store):
-    """Shards as named objects; subclasses provide the byte primitives."""
+    """Shards as named objects; subclasses provide the byte primitives.
+
+    ``generation`` (a folder name, "" = the top) is where new shards and side files go: replacing a
+    complete dataset (``--overwrite``) writes a new generation beside the old one, and the manifest
+    that names it is the commit point; the old objects are removed only after it.
+    """
+
+    def new_generation(self) -> None:
+        self.generation = f"g-{uuid.uuid4().hex[:8]}"
+
+    @abc.abstractmethod
+    def _list_all(self) -> list[str]:
+        """Every object below the location, as names relative to it."""
+
+    def remove_unreferenced(self, manifest) -> None:
+        """After a commit: delete the objects the manifest does not name (an older generation, stale temps)."""
+        keep = {s.path for s in manifest.shards} | {f.get("path", n) for n, f in manifest.files.items()}
+        keep |= {MANIFEST_NAME, PROGRESS_NAME}
+        for name in self._list_all():
+            if name not in keep and (name.endswith(".parquet") or name.startswith("g-") or ".tmp-" in name
+                                     or name in self._side_file_names()):
+                self._delete(name)
 
     @abc.abstractmethod
     def _get(self, name: str) -> bytes:
@@ -146,10 +201,6 @@ class FileStore(Store):
     def _delete(self, name: str) -> None:
         ...
 
-    @abc.abstractmethod
-    def _list(self) -> list[str]:
-        ...
-
     def read_meta(self, name):
         try:
             return self._get(name)
@@ -164,7 +215,7 @@ class FileStore(Store):
 
     def write_shard(self, index, table, fmt):
         data = fmt.encode_shard(table)
-        name = shard_name(index, self.uri.scheme)
+        name = self.object_name(shard_name(index, self.uri.scheme))
         self._put(name, data)
         sids = table.column("sample_id")
         return ShardInfo(path=name, rows=table.num_rows, bytes=len(data), sha256=sha256(data),
@@ -187,16 +238,21 @@ class FileStore(Store):
     def overhead_bytes(self, shards):
         return 0
 
-    def clear(self):
+    def _side_file_names(self) -> set[str]:
         side = set()
         for meta in (MANIFEST_NAME, PROGRESS_NAME):  # side files are named there
             data = self.read_meta(meta)
             if data:
                 with contextlib.suppress(ValueError, AttributeError):
-                    side |= set(json.loads(data).get("files", {}))
-        for name in self._list():
+                    side |= {f.get("path", n) if isinstance(f, dict) else n
+                             for n, f in json.loads(data).get("files", {}).items()}
+        return side
+
+    def clear(self):
+        side = self._side_file_names()
+        for name in self._list_all():
             if name.endswith(".parquet") or name in side or name in (MANIFEST_NAME, PROGRESS_NAME) \
-                    or ".tmp-" in name:
+                    or ".tmp-" in name or name.startswith("g-"):
                 self._delete(name)
 
     def exists(self):
