@@ -55,7 +55,7 @@ def _meta_fields(meta) -> dict:
 
 
 def cmd_verify(args) -> int:
-    ds = open_dataset(args.uri)
+    ds = open_dataset(args.uri, cache=None if args.use_cache else False)  # the store itself, unless told
     with tqdm(total=len(ds.manifest.shards), desc="verify", unit="shard", disable=args.quiet) as bar:
         problems = ds.verify(on_shard=bar.update)
     for p in problems:
@@ -87,6 +87,8 @@ def cmd_subset(args) -> int:
 
 
 def cmd_synth(args) -> int:
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {args.samples}")
     gen = SynthTokens(grid=tuple(args.grid), codebook_size=args.codebook, num_classes=args.classes, seed=args.seed)
     meta = gen.meta(args.shard_rows)
     with DatasetWriter(args.dst, meta, overwrite=args.overwrite) as writer:
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("verify", help="check every shard's sha256; exit 1 naming bad shards")
     s.add_argument("uri")
+    s.add_argument("--use-cache", action="store_true",
+                   help="trust the node's shard cache for remote stores (default: read every shard from the store)")
     s.set_defaults(fn=cmd_verify)
 
     _src_dst(sub, "copy", cmd_copy, help="copy a dataset between any two stores (resumable)")

@@ -88,6 +88,17 @@ class ImageSource:
         bucket = self.uri[len("s3://"):].split("/", 1)[0]
         return self._s3().cat_file(f"{bucket}/{name}")
 
+    def identity(self) -> str:
+        """What this source is, for resume checks: a digest of its sorted member names (and, for a tar, sizes)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for m in self.members:
+            h.update(m.encode())
+            if self.kind == "tar":
+                h.update(str(self._index()[m].size).encode())
+        return f"images:{os.path.basename(self._local.rstrip('/'))}:{len(self.members)}:{h.hexdigest()[:16]}"
+
     def file_bytes(self, indices=None) -> int:
         """Bytes of the image files themselves (what pixel storage costs)."""
         if self.kind == "tar":

@@ -76,7 +76,7 @@ def write_pixel_dataset(images_uri: str, dst_uri: str, *, size: int, quality: in
     indices = _chosen_indices(src, images_uri, split, max_images, val_per_class, split_seed, sample_ids)
     meta = PixelMeta(size=size, quality=quality, class_names=tuple(src.class_names), shard_rows=int(shard_rows),
                      extra=_extra(src, split, val_per_class, split_seed, len(indices)))
-    writer = DatasetWriter(dst_uri, meta, overwrite=overwrite)
+    writer = DatasetWriter(dst_uri, meta, overwrite=overwrite, source=src.identity())
     t0 = time.perf_counter()
     num_shards = -(-len(indices) // shard_rows)
     written, skipped = 0, []

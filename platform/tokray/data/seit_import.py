@@ -215,6 +215,15 @@ def _class_names(path: str | None, num_classes: int) -> tuple[str, ...]:
     return names
 
 
+def _source_identity(*paths: str) -> str:
+    """Names, sizes and modification times of the SeiT files (a resume must read the same ones)."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.basename(p)}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return "seit:" + h.hexdigest()[:16]
+
+
 def import_seit(data_path: str, labels_path: str, codebook_path: str, dst_uri, grid=(32, 32),
                 class_names: str | None = None, shard_rows: int = 8192, overwrite: bool = False,
                 progress=None) -> Manifest:
@@ -233,7 +242,7 @@ def import_seit(data_path: str, labels_path: str, codebook_path: str, dst_uri, g
                        class_names=_class_names(class_names, int(src.labels.max(initial=0)) + 1),
                        tokenizer=f"seit-codebook:{digest}", shard_rows=shard_rows,
                        extra={"source": "seit", "codebook_shape": [k, d]})
-    with DatasetWriter(dst_uri, meta, overwrite=overwrite) as writer:
+    with DatasetWriter(dst_uri, meta, overwrite=overwrite, source=_source_identity(data_path, labels_path)) as writer:
         # written before the manifest, so a complete dataset always carries its codebook
         writer.add_file(CODEBOOK_FILE, safetensors.torch.save({"codebook": src.codebook}))
         for start, ids in src.iter_chunks(h * w, shard_rows):

@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from tokray.storage.dataset import Dataset, DatasetWriter, open_dataset
+from tokray.storage.dataset import Dataset, DatasetWriter, manifest_digest, open_dataset, refuse_same_location
 from tokray.storage.manifest import Manifest
 from tokray.storage.memory import MemoryStore
 
@@ -43,6 +43,8 @@ class Budget:
             if num < 1 or num != int(num):
                 raise ValueError(f"budget {text!r}: a sample count must be a positive integer")
             return cls("samples", int(num))
+        if int(num * _UNITS[unit]) < 1:
+            raise ValueError(f"budget {text!r}: a byte budget must be at least 1 byte")
         return cls("bytes", int(num * _UNITS[unit]))
 
     def __str__(self):
@@ -100,6 +102,7 @@ def _estimated_bytes(ds: Dataset, selected: np.ndarray, starts: np.ndarray, meta
 def make_subset(src, dst, budget: Budget, seed: int = 0, overwrite: bool = False) -> Manifest:
     """Write the subset of ``src`` that fits ``budget`` to ``dst``; its store bytes never exceed it."""
     ds = open_dataset(src)
+    refuse_same_location(ds, dst)
     labels, starts = _positions(ds)
     num_classes = len(ds.meta.class_names)
     order = stratified_order(labels, num_classes, seed)
@@ -124,7 +127,7 @@ def make_subset(src, dst, budget: Budget, seed: int = 0, overwrite: bool = False
         n = _fit_count(ds, order, sizes, starts, n, limit, meta_for)
     for attempt in range(8):
         selected = _selection(order, allocate(sizes, n))
-        writer = DatasetWriter(dst, meta_for(n), overwrite=overwrite or attempt > 0)
+        writer = DatasetWriter(dst, meta_for(n), overwrite=overwrite or attempt > 0, source=manifest_digest(ds))
         manifest = _write_selection(writer, ds, selected, starts)
         if limit is None or manifest.store_bytes <= limit:
             manifest = writer.commit(manifest)

@@ -181,6 +181,8 @@ class DatasetWriter:
         (file stores: a new generation folder; LMDB: a staging environment), which stays readable and whole
         until the new manifest lands."""
         complete = self.store.read_meta(MANIFEST_NAME) is not None
+        if hasattr(self.store, "remove_temp_files"):
+            self.store.remove_temp_files()
         if not overwrite:
             if complete:
                 raise FileExistsError(f"a dataset already exists at {self.store.uri}; choose another "
@@ -322,6 +324,8 @@ class DatasetWriter:
         if indices != list(range(len(indices))):
             raise ValueError(f"shards {indices} are not contiguous from 0; the write to {self.store.uri} is incomplete")
         shards = tuple(self.done[i] for i in indices)
+        if not sum(s.rows for s in shards):  # an empty dataset trains nothing and would loop over empty epochs
+            raise ValueError(f"no samples were written to {self.store.uri}; nothing to commit (check the source)")
         manifest = Manifest(meta=self.meta, num_samples=sum(s.rows for s in shards), shards=shards,
                             files=dict(self.files))
         return manifest.with_store_bytes(self.store.overhead_bytes(shards))

@@ -99,6 +99,9 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: manifest.json is not valid JSON ({e}); "
                              f"check it with `python jobs/dataset.py verify {where}`") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: manifest.json holds a JSON {type(d).__name__}, not an object; it is not a "
+                             "tokray manifest: re-create or re-copy the dataset")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(f"{where}: manifest format_version {version!r} is not supported; this tokray "

@@ -176,6 +176,12 @@ class FileStore(Store):
     def _list_all(self) -> list[str]:
         """Every object below the location, as names relative to it."""
 
+    def remove_temp_files(self) -> None:
+        """Temp files of a killed writer (the lock holder calls this: no other writer is running)."""
+        for name in self._list_all():
+            if ".tmp-" in name:
+                self._delete(name)
+
     def remove_unreferenced(self, manifest) -> None:
         """After a commit: delete the objects the manifest does not name (an older generation, stale temps)."""
         keep = {s.path for s in manifest.shards} | {f.get("path", n) for n, f in manifest.files.items()}
