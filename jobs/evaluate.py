@@ -34,7 +34,7 @@ def main() -> int:
     p.add_argument("--tokenizer", help="with --images: tokenizer file (default: the embedded CIFAR-10 tokenizer)")
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--max-samples", type=int, default=0, help="evaluate only the first N samples (0 = all)")
+    p.add_argument("--max-samples", type=int, default=0, help="evaluate a seeded, class-stratified sample of N (0 = all)")
     p.add_argument("--smoke-test", action="store_true", help="runs/smoke_ft, first 512 samples: seconds")
     args = p.parse_args()
     setup_logging()

@@ -32,7 +32,8 @@ def main() -> int:
     from tokray.train.launch import fit, prepare
 
     extra = {"init": args.init, "eval_data": args.eval_data, "ema_decay": args.ema}
-    plan = prepare(config_from_args(args, task="classify", smoke_recipe="smoke_ft", extra=extra), resume=args.resume)
+    plan = prepare(config_from_args(args, task="classify", smoke_recipe="smoke_ft", extra=extra), resume=args.resume,
+                   overwrite=args.overwrite)
     cfg = plan.config
     result = fit(plan)
     m = result.metrics or {}

@@ -26,7 +26,8 @@ def main() -> int:
     setup_logging()
     from tokray.train.launch import fit, prepare
 
-    plan = prepare(config_from_args(args, task="mtm", smoke_recipe="smoke"), resume=args.resume)
+    plan = prepare(config_from_args(args, task="mtm", smoke_recipe="smoke"), resume=args.resume,
+                   overwrite=args.overwrite)
     cfg = plan.config
     result = fit(plan)
     m = result.metrics or {}

@@ -88,9 +88,9 @@ def test_round_trip_tokenize_verify_decode_psnr(vq_dir, images, tmp_path):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["num_samples"] == 24 and res["tokenizer_kind"] == "diffusers"
     assert "in-process on cpu in float32" in out.stderr  # where and how the tokenizer ran, said in the log
-    assert run_job("jobs/dataset.py", "-q", "verify", dst).returncode == 0
     tok, _ = load_tokenizer(f"diffusers:{vq_dir}", for_dataset=dst)
     ds = open_dataset(dst)
+    assert ds.verify() == []
     assert (ds.meta.grid, ds.meta.codebook_size, ds.meta.tokenizer) == ((16, 16), 64, tok.fingerprint)
     batch = next(ds.iter_batches(100))
     src = ImageSource(images)
@@ -102,22 +102,25 @@ def test_round_trip_tokenize_verify_decode_psnr(vq_dir, images, tmp_path):
     assert np.isfinite(psnr) and psnr > 0
 
 
-def test_prune_through_ray_keeps_decode_exact(vq_dir, images, tmp_path):
-    """tokenize_images --prune (Ray actors loading the diffusers model): ids remapped to 0..K-1, map and pruned
-    codebook in the dataset, decode(remapped) == decode(original); the val split encodes into the same codes."""
+def test_prune_keeps_decode_exact(vq_dir, images, tmp_path, caplog):
+    """Tokenize, then prune: ids remapped to 0..K-1, map and pruned codebook in the dataset,
+    decode(remapped) == decode(original); the val split encodes into the same codes."""
+    import logging
+
     from tokray.data.prune import code_counts
+    from tokray.data.tokenize import TokenizeJob, tokenize, tokenize_pruned
     from tokray.data.tokenizer import PRUNE_MAP_FILE
 
     dst, spec = str(tmp_path / "train"), f"diffusers:{vq_dir}"
-    out = run_job("jobs/tokenize_images.py", "--images", images, "--dst", dst, "--tokenizer", spec, "--split", "train",
-                  "--val-per-class", "2", "--shard-rows", "7", "--prune", "--keep-unpruned", "--smoke-test")
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["path"] == "ray" and "1 actor(s) on CPU in float32" in out.stderr
+    job = TokenizeJob(images=images, dst=dst, tokenizer=spec, split="train", val_per_class=2, shard_rows=7)
+    with caplog.at_level(logging.INFO, logger="tokray.data.tokenize"):
+        res = tokenize_pruned(job, use_ray=False, keep_unpruned=True)
+    assert "in-process on cpu in float32" in caplog.text and "pruned" in caplog.text
     full, pruned = open_dataset(res["unpruned"]), open_dataset(dst)
     used = np.flatnonzero(code_counts(full))
     assert pruned.meta.codebook_size == res["codebook_size"] == len(used) < 64 and res["codes_before"] == 64
     assert {"codebook.safetensors", PRUNE_MAP_FILE} <= set(pruned.manifest.files) and pruned.verify() == []
+    assert [s.rows for s in pruned.manifest.shards] == [s.rows for s in full.manifest.shards] == [7, 7, 4]
     base, _ = load_tokenizer(spec)
     view, _ = load_tokenizer(spec, for_dataset=dst)
     assert view.kind == "pruned" and view.fingerprint == pruned.meta.tokenizer != base.fingerprint
@@ -134,8 +137,6 @@ def test_prune_through_ray_keeps_decode_exact(vq_dir, images, tmp_path):
     with pytest.raises(ValueError, match=base.fingerprint):
         require_same_tokenizer(pruned.meta, base.fingerprint, dst)
     # the validation split, encoded into the training split's codes (the nearest kept code)
-    from tokray.data.tokenize import TokenizeJob, tokenize
-
     val = str(tmp_path / "val")
     tokenize(TokenizeJob(images=images, dst=val, tokenizer=spec, split="val", val_per_class=2, pruned_like=dst),
              use_ray=False)

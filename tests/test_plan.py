@@ -72,7 +72,8 @@ def test_pixel_plan_has_no_token_fields(tmp_path):
     uri = str(tmp_path / "px")
     write_pixel_dataset(write_image_folder(tmp_path / "imgs", classes=("cat", "dog"), per_class=6), uri, size=16,
                         quality=75, split="all")
-    cfg = get_recipe("cifar_pixels", data=uri, eval_data=uri, out=str(tmp_path / "run"), model_args={"depth": 1})
+    cfg = get_recipe("cifar_pixels", data=uri, eval_data=uri, out=str(tmp_path / "run"), model_args={"depth": 1},
+                     batch_size=4)
     plan = prepare(cfg, resume=False)
     spec = plan.data
     assert (spec.kind, spec.image_size, spec.quality, spec.input_key) == ("pixels", 16, 75, "pixels")

@@ -7,6 +7,7 @@ validated here so that a recipe with a bad setting fails when it is built, befor
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 
 TASKS = ("mtm", "classify")
@@ -149,8 +150,18 @@ class TrainConfig:
         if self.batch_size % (self.num_workers * self.grad_accum):
             raise ValueError(f"batch_size {self.batch_size} must divide evenly over num_workers {self.num_workers} "
                              f"x grad_accum {self.grad_accum}")
+        if not math.isfinite(self.epochs) or self.epochs < 0:
+            raise ValueError(f"epochs must be a finite number >= 0, got {self.epochs}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0 (0 = no cap), got {self.max_steps}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("set epochs > 0 or max_steps > 0")
+        for name in ("lr", "min_lr", "weight_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if "://" in self.out and not self.out.startswith("file://"):
+            raise ValueError(f"--out {self.out!r}: run directories are local paths (on a cluster, one every node "
+                             "mounts); write the checkpoints there and copy them to object storage afterwards")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 < self.layer_decay <= 1:

@@ -38,3 +38,18 @@ def split_indices(labels: np.ndarray, split: str, val_per_class: int = 500, seed
         val = validation_split(np.asarray(labels), val_per_class, seed)
         idx = np.flatnonzero(val if split == "val" else ~val)
     return idx[:max_images] if max_images else idx
+
+
+def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Positions (ascending) of ``n`` samples drawn per class in proportion to the class sizes, seeded: what
+    "evaluate on N samples" means (the first N rows of a class-sorted store would be one or two classes)."""
+    from tokray.storage.budget import allocate, stratified_order
+
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    classes = np.unique(labels)
+    remap = np.searchsorted(classes, labels)
+    order = stratified_order(remap, len(classes), seed)
+    counts = allocate(np.array([len(o) for o in order]), n)
+    return np.sort(np.concatenate([o[:k] for o, k in zip(order, counts)]))

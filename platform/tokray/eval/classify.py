@@ -35,6 +35,7 @@ def token_batches(uri: str, spec: DataSpec, ckpt: str, batch_size: int, limit: i
     """Batches of a token dataset that fits the checkpoint (grid, vocabulary, classes)."""
     import torch
 
+    from tokray.data.splits import stratified_sample
     from tokray.storage.dataset import open_dataset
     from tokray.train.checkpoint import require_fits_data
 
@@ -42,13 +43,14 @@ def token_batches(uri: str, spec: DataSpec, ckpt: str, batch_size: int, limit: i
     have = DataSpec.from_manifest(ds.manifest)
     require_fits_data(spec, have, ckpt, uri)
     _require_same_classes(have.class_names, spec.class_names, uri, ckpt)
-    seen = 0
+    keep = stratified_sample(ds.labels(), limit) if limit else None
+    offset = 0
     for b in ds.iter_batches(batch_size):
-        n = len(b["label"]) if not limit else min(len(b["label"]), limit - seen)
-        if n <= 0:
-            return
-        seen += n
-        yield {"ids": torch.from_numpy(b["ids"][:n].astype("int64")), "label": torch.from_numpy(b["label"][:n].astype("int64"))}
+        rows = slice(None) if keep is None else keep[(keep >= offset) & (keep < offset + len(b["label"]))] - offset
+        offset += len(b["label"])
+        if keep is None or len(rows):
+            yield {"ids": torch.from_numpy(b["ids"][rows].astype("int64")),
+                   "label": torch.from_numpy(b["label"][rows].astype("int64"))}
 
 
 def image_batches(src_uri: str, split: str, tokenizer_path: str, spec: DataSpec, ckpt: str, batch_size: int,
@@ -92,11 +94,13 @@ def raw_images(src_uri: str, split: str, class_names: tuple, ckpt: str, batch_si
     import torch
 
     from tokray.data.images import ImageSource, decode_many, iter_indices
-    from tokray.data.splits import split_indices
+    from tokray.data.splits import split_indices, stratified_sample
 
     src = ImageSource(src_uri)
     _require_same_classes(src.class_names, class_names, src_uri, ckpt)
-    idx = split_indices(src.labels, split, max_images=limit)
+    idx = split_indices(src.labels, split)
+    if limit:
+        idx = idx[stratified_sample(src.labels[idx], limit)]
     for chunk in iter_indices(len(idx), batch_size):
         pixels, kept, _ = decode_many(src, idx[chunk.start:chunk.stop], size)
         yield (transform(pixels) if transform is not None else pixels), torch.from_numpy(src.labels[kept].astype("int64"))

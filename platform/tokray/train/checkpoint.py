@@ -81,8 +81,9 @@ def load_state(path: str) -> tuple[dict, TrainConfig, DataSpec]:
     file = resolve_checkpoint(path)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which and why
-        raise ValueError(f"cannot read checkpoint {file}: {e}") from e
+    except Exception as e:  # a truncated or foreign file: say which, and the first line of why
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot read checkpoint {file}: it is not a tokray checkpoint or it is damaged ({why})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{file} is not a tokray training checkpoint (no model/config in it)")
     cfg = TrainConfig.from_json(state["config"])

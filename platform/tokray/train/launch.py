@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shutil
 
 from tokray.config import TrainConfig
 from tokray.data.spec import DataSpec
@@ -30,6 +31,8 @@ def add_train_args(p: argparse.ArgumentParser, task: str, default_recipe: str) -
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (bf16 autocast)")
     p.add_argument("--out", help="run directory (default: the recipe's, runs/<recipe>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out that holds checkpoints (they are deleted)")
     p.add_argument("--smoke-test", action="store_true", help="the smoke recipe: seconds on CPU, a tiny model, 2 workers")
     p.add_argument("--trace-batches", action="store_true",
                    help="each worker appends the sample ids of every batch to <out>/trace/ (audits the data split)")
@@ -47,7 +50,32 @@ def config_from_args(args: argparse.Namespace, task: str, smoke_recipe: str, ext
     return get_recipe(smoke_recipe if args.smoke_test else args.recipe, task=task, **overrides)
 
 
-def prepare(cfg: TrainConfig, resume: bool) -> RunPlan:
+def claim_run_dir(out: str, resume: bool, overwrite: bool) -> None:
+    """A run directory holding checkpoints is continued (--resume) or restarted (--overwrite), never reused
+    silently: Ray Train would restore its last run and report the old result."""
+    from tokray.train.checkpoint import latest_checkpoint
+
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite deletes it; pass one of them")
+    held = latest_checkpoint(out) or (os.path.isdir(os.path.join(out, "ray")) and os.listdir(os.path.join(out, "ray")))
+    if held and overwrite:
+        for sub in ("ray", "trace", "tb"):
+            shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+        log.info("--overwrite: removed the earlier run's checkpoints, traces and events under %s", out)
+    elif held and not resume:
+        raise FileExistsError(f"{out} already holds a training run ({latest_checkpoint(out) or 'its Ray state'}); pass "
+                              "--resume to continue it, --overwrite to start again, or another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written ({e.strerror or e}); choose a writable directory") from None
+
+
+def prepare(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> RunPlan:
     """Everything that can be wrong, checked on the driver, before a worker starts: the datasets (each
     manifest read once), the model (built once: unknown models, grids it cannot take, bad augmentation),
     the --init checkpoint (loaded into it) and the --resume point. Returns the plan the workers run."""
@@ -62,9 +90,14 @@ def prepare(cfg: TrainConfig, resume: bool) -> RunPlan:
     data_uri = cfg.data or default_tokens("train")
     ds = open_dataset(data_uri)
     spec = DataSpec.from_manifest(ds.manifest)
+    require_model_for_task(cfg)
     codebook = load_codebook(cfg, ds) if spec.is_tokens else None
     model = make_task(cfg, spec, codebook).build()
+    if spec.num_samples < cfg.batch_size:  # an epoch of no full batch would never end
+        raise ValueError(f"dataset {data_uri} has {spec.num_samples} samples, fewer than one batch of {cfg.batch_size}; "
+                         "give more data or a smaller --batch-size")
     out = os.path.abspath(cfg.out)
+    claim_run_dir(out, resume, overwrite)
     updates = {"out": out}
     eval_uri, eval_spec = "", None
     if cfg.task == "classify":
@@ -98,6 +131,18 @@ def prepare(cfg: TrainConfig, resume: bool) -> RunPlan:
         require_fits_data(prev_spec, spec, resume_from, data_uri)
     return RunPlan(config=dataclasses.replace(cfg, **updates), data=spec, data_uri=data_uri, eval_data=eval_spec,
                    eval_uri=eval_uri, resume_from=resume_from, codebook=codebook)
+
+
+def require_model_for_task(cfg: TrainConfig) -> None:
+    """MTM trains an ``mtm_*`` model (encoder + decoder); classification any other."""
+    import models
+
+    mtm = cfg.model.startswith("mtm_")
+    if (cfg.task == "mtm") != mtm:
+        fitting = [m for m in models.list_models() if m.startswith("mtm_") == (cfg.task == "mtm")
+                   and not m.startswith(("vq_", "tokenadapt"))]
+        raise ValueError(f"model {cfg.model!r} does not fit task {cfg.task!r} (recipe {cfg.recipe}); choose one of: "
+                         f"{', '.join(fitting)}")
 
 
 def load_codebook(cfg: TrainConfig, ds):

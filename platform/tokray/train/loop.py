@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tokray.train.plan import NonFiniteLoss, RunPlan
+from tokray.train.seeds import derive_seed
 from tokray.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed * 1000 + rank)  # timm's Mixup draws from NumPy's global generator
+    np.random.seed(derive_seed(cfg.seed, "numpy", rank) % 2**32)  # timm's Mixup draws from NumPy's global generator
     device = ray.train.torch.get_device()
     task = make_task(cfg, plan.data, plan.codebook)
     model = task.build()
@@ -81,7 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     raw = model.module if hasattr(model, "module") else model
     amp = cfg.amp and device.type == "cuda"
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank * 104729 + step)  # masks: (seed, rank, step)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "masks", rank, step))  # masks, augmentation
     shard = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("val") if cfg.task == "classify" else None
     tb = _tensorboard(cfg.out) if rank == 0 else None
@@ -91,7 +92,7 @@ def train_loop_per_worker(config: dict) -> None:
     while step < total:
         epoch, done_in_epoch = divmod(step, per_epoch)
         batches = task.iter_batches(shard, micro, drop_last=True, shuffle_buffer=cfg.shuffle_buffer or None,
-                                    seed=cfg.seed * 1000 + epoch * 10 + rank)
+                                    seed=derive_seed(cfg.seed, "shuffle", epoch, rank) % 2**32)
         t0 = time.perf_counter()
         for i, batch in enumerate(batches):
             if i // cfg.grad_accum < done_in_epoch:  # resume: this epoch's first batches are done
