@@ -22,7 +22,14 @@ INFRA = ROOT / "infra"
 CLUSTER_YAML = INFRA / "aws" / "cluster.yaml"
 RAYCLUSTER = INFRA / "kuberay" / "raycluster.yaml"
 RAYJOB = INFRA / "kuberay" / "rayjob.yaml"
-COMMIT = re.compile(r"\b[0-9a-f]{40}\b")
+DOCKERFILE = INFRA / "Dockerfile"
+
+
+def package_version() -> str:
+    import tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["version"]
 JOB_COMMAND = re.compile(r"python3?\s+(jobs/[\w./-]+\.py)([^;&|\n]*)")
 
 
@@ -128,13 +135,14 @@ def test_cluster_yaml_passes_ray_validation(offline):
         assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
 
 
-def test_cluster_yaml_installs_the_pinned_commit():
+def test_cluster_yaml_installs_the_pinned_version():
     text = CLUSTER_YAML.read_text()
-    pins = re.findall(r"TOKRAY_COMMIT=([0-9a-f]+)\b", text)
-    assert len(pins) == 1 and COMMIT.fullmatch(pins[0]), f"want exactly one TOKRAY_COMMIT=<40 hex>, got {pins}"
+    pins = re.findall(r"TOKRAY_VERSION=(\S+?) ", text)
+    assert pins == [package_version()], f"want exactly one TOKRAY_VERSION={package_version()}, got {pins}"
     setup = " ".join(load(CLUSTER_YAML)["setup_commands"])
-    assert "checkout" in setup and "${TOKRAY_COMMIT}" in setup
+    assert "checkout" in setup and "v${TOKRAY_VERSION}" in setup
     assert "pip install" in setup
+    assert not re.search(r"\b[0-9a-f]{40}\b", text), "a hand-copied commit instead of the version"
 
 
 def broken(mutate):
@@ -224,13 +232,18 @@ def test_rayjob_runs_on_the_raycluster_spec():
     assert load(RAYJOB)["spec"]["rayClusterSpec"] == load(RAYCLUSTER)["spec"]
 
 
-def test_all_infra_files_pin_one_commit():
-    pins = {p.name: set(COMMIT.findall(p.read_text())) for p in (CLUSTER_YAML, RAYCLUSTER, RAYJOB)}
-    assert all(len(v) == 1 for v in pins.values()), f"want one commit per file: {pins}"
-    assert len(set.union(*pins.values())) == 1, f"files pin different commits: {pins}"
+def test_all_infra_files_name_the_package_version():
     for p in (RAYCLUSTER, RAYJOB):  # the image tag is the pin
         tags = {image.rsplit(":", 1)[-1] for image in images(load(p))}
-        assert tags == pins[p.name], f"{p.name}: image tags {tags} differ from the pinned commit"
+        assert tags == {package_version()}, f"{p.name}: image tags {tags}, pyproject.toml says {package_version()}"
+
+
+def test_the_image_is_built_from_the_checkout():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM rayproject/ray:2\.60\.", text, re.M)
+    assert re.search(r"^COPY .*\. /home/ray/tokray", text, re.M) and "pip install" in text
+    assert "git clone" not in text  # the checkout itself, not a network fetch of some commit
+    assert "infra/Dockerfile" in (INFRA / "README.md").read_text()
 
 
 # --- entrypoints ------------------------------------------------------------------------------
@@ -282,6 +295,14 @@ def test_key_scan_catches_a_key():
     assert leaked("aws_access_key_id = x")
     assert leaked("key: " + "AKIA" + "ABCDEFGHIJ234567")
     assert not leaked("IamInstanceProfile: {Name: tokray-worker}")
+
+
+@pytest.mark.parametrize("readme", ["README.md", "infra/README.md"])
+def test_every_job_a_readme_names_exists(readme):
+    named = set(re.findall(r"\bjobs/[\w-]+\.py\b", (ROOT / readme).read_text())) - {"jobs/X.py"}  # a placeholder
+    assert named, readme
+    missing = sorted(j for j in named if not (ROOT / j).is_file())
+    assert not missing, f"{readme} names {missing}, which do not exist"
 
 
 def test_readme_points_at_real_files():
