@@ -10,7 +10,8 @@ not depend on the weights; no download): saved with save_pretrained and loaded b
 ``load_tokenizer("diffusers:DIR")``, the path every job takes. Timed: uint8 pixels -> ids
 (``Tokenizer.encode_pixels``: normalisation, encoder, nearest code) on random images, after one
 untimed warm-up batch. Device: the accelerator when there is one, else the CPU (threads: torch's).
-Prints a table, then one JSON line.
+Prints a table (with the CPU seconds per image and the load average: on a shared CPU the wall
+time also holds the other jobs' share), then one JSON line.
 """
 
 from __future__ import annotations
@@ -69,15 +70,18 @@ def bench(spec: str, batches: int, batch_size: int, dtype: str, device=None) -> 
     if device.type == "cuda":
         torch.cuda.synchronize()
     times = []
+    cpu0 = time.process_time()
     for p in pixels[1:]:
         t = time.perf_counter()
         ids = tok.encode_pixels(p)  # returns on the CPU: includes the copy back
         times.append(time.perf_counter() - t)
+    cpu_s = time.process_time() - cpu0  # on a shared CPU, wall time also counts the other jobs' share
     images = batches * batch_size
     return {"tokenizer": spec, "parameters_m": tok.num_parameters / 1e6, "image_size": s,
             "grid": f"{tok.grid[0]}x{tok.grid[1]}", "codes": tok.codebook_size, "batch_size": batch_size,
             "batches": batches, "device": str(device), "dtype": dtype, "threads": torch.get_num_threads(),
             "images_per_s": images / sum(times), "ms_per_image": 1000 * sum(times) / images,
+            "cpu_seconds_per_image": cpu_s / images, "load_average": os.getloadavg()[0],
             "batch_seconds": [round(t, 3) for t in times], "load_seconds": load_s, "ids_shape": list(ids.shape),
             "fingerprint": tok.fingerprint}
 
@@ -106,7 +110,7 @@ def main() -> int:
     if not args.tokenizer:
         res["tokenizer"] = f"{args.preset} (random weights)"
     print_table([res], ["preset", "parameters_m", "image_size", "grid", "codes", "batch_size", "batches", "device",
-                        "dtype", "threads", "images_per_s", "ms_per_image"])
+                        "dtype", "threads", "images_per_s", "ms_per_image", "cpu_seconds_per_image", "load_average"])
     print_result(res)
     return 0
 

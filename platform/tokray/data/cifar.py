@@ -219,3 +219,29 @@ def images_from_cifar(archive: str, dst: str, split: str = "train", fmt: str = "
     return {"dst": str(dst), "layout": f"<split>/<class>/<NNNNN>{ext}", "format": fmt,
             "quality": quality if fmt == "jpeg" else None, "classes": classes, "counts": counts,
             "images": sum(sum(c.values()) for c in counts.values()), "bytes": size, "seconds": seconds}
+
+
+def add_command(sub, report) -> None:
+    """Register ``images-from-cifar ARCHIVE DST`` on ``sub`` (argparse subparsers of jobs/dataset.py);
+    ``report(rows, result)`` prints the table and the JSON line and returns the exit code."""
+    s = sub.add_parser("images-from-cifar", help="the CIFAR-10 python archive -> an image tar or folder "
+                                                 "<split>/<class>/<NNNNN>.png that every job's --images takes",
+                       description="ARCHIVE: cifar-10-python.tar.gz as downloaded (or its extracted "
+                                   "cifar-10-batches-py folder). DST: a .tar file, else a folder. Layout: "
+                                   "<split>/<class>/<NNNNN>.png (class = the parent folder, NNNNN = the image's index "
+                                   "in its split). The pickles are read with a restricted unpickler.")
+    s.add_argument("archive", metavar="ARCHIVE")
+    s.add_argument("dst", metavar="DST")
+    s.add_argument("--split", default="train", choices=SPLITS,
+                   help="train (data_batch_1..5, default), test (test_batch) or all (both, under train/ and test/)")
+    s.add_argument("--format", default="png", choices=sorted(FORMATS), help="png (lossless, default) or jpeg")
+    s.add_argument("--quality", type=int, default=95, help="JPEG quality (with --format jpeg)")
+    s.add_argument("--overwrite", action="store_true", help="replace DST")
+
+    def run(args) -> int:
+        res = images_from_cifar(args.archive, args.dst, split=args.split, fmt=args.format, quality=args.quality,
+                                overwrite=args.overwrite)
+        rows = [{"split": sp, "images": sum(c.values()), **c} for sp, c in res["counts"].items()]
+        return report(rows, res)
+
+    s.set_defaults(fn=run)

@@ -97,3 +97,27 @@ def prune_dataset(src, dst, tokenizer: str | None = None, overwrite: bool = Fals
             "codebook_size": int(len(keep)), "tokenizer": fp, "base_tokenizer": base_fp,
             "num_samples": manifest.num_samples, "store_bytes_before": ds.manifest.store_bytes,
             "store_bytes": manifest.store_bytes, "codebook_dims": int(codebook.shape[1])}
+
+
+def add_command(sub, report) -> None:
+    """Register ``prune SRC DST`` on ``sub`` (argparse subparsers of jobs/dataset.py); ``report(rows, result)``
+    prints the table and the JSON line and returns the exit code."""
+    s = sub.add_parser("prune", help="keep only the codes a token dataset uses: ids remapped to 0..K-1, the map and "
+                                     "the pruned codebook stored with it (resumable)",
+                       description="Writes DST with the same shards as SRC, ids remapped to the K codes used, "
+                                   "codebook_size K, codebook.safetensors (the K code vectors) and prune_map.json "
+                                   "(the original code of each id). Decode stays exact through "
+                                   "load_tokenizer(TOKENIZER, for_dataset=DST).")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--tokenizer", help="the tokenizer that made SRC (PATH.safetensors or diffusers:PATH), for its code "
+                                       "vectors; not needed when SRC carries codebook.safetensors (a SeiT import)")
+    s.add_argument("--overwrite", action="store_true", help="replace whatever is at DST (a dataset or an interrupted write)")
+
+    def run(args) -> int:
+        res = prune_dataset(args.src, args.dst, tokenizer=args.tokenizer, overwrite=args.overwrite)
+        rows = [{k: res[k] for k in ("codes_before", "codes_used", "codebook_size", "num_samples",
+                                     "store_bytes_before", "store_bytes")}]
+        return report(rows, res)
+
+    s.set_defaults(fn=run)

@@ -126,6 +126,13 @@ class SeitFiles:
 
         Reads the gzip stream sequentially, so memory is one chunk, not the whole split.
         """
+        try:
+            yield from self._chunks(tokens_per_image, rows)
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a truncated stream ends in EOFError
+            raise ValueError(f"{self.data_path} is not a complete gzip stream ({type(e).__name__}: {e}); "
+                             "download it again") from None
+
+    def _chunks(self, tokens_per_image: int, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         o = self.offsets
         with gzip.open(self.data_path, "rb") as f:
             f.read(int(o[0]))

@@ -164,6 +164,24 @@ def load_codebook(cfg: TrainConfig, ds):
     return tokenizer.quantizer.codebook.detach().clone()
 
 
+def root_cause(e: BaseException) -> BaseException:
+    """The first error of ours (or a user error) inside Ray's wrappers (RayTaskError, UserCodeException)."""
+    from tokray.storage.stores import ShardChecksumError, StoreUnavailableError, StoreWriteError
+
+    ours = (ShardChecksumError, StoreUnavailableError, StoreWriteError, FileNotFoundError)
+    seen, todo = set(), [e]
+    while todo:
+        err = todo.pop(0)
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        cause = getattr(err, "cause", None)
+        if isinstance(err, ours) and not hasattr(err, "cause"):
+            return err
+        todo += [cause, err.__cause__, err.__context__]
+    return e
+
+
 def _data_config():
     """Train split across workers (validation read whole by each); the same batches in the same order on every
     pass, wherever the blocks live, so a restore that skips an epoch's first batches skips the right ones."""
@@ -193,9 +211,12 @@ def fit(plan: RunPlan, callbacks: list | None = None):
     # training sets are small: read (and verify) once, then every epoch streams from the object store. Stores
     # keep samples in source order (often sorted by class): one seeded global shuffle here, while the CPUs
     # are free, and each epoch adds its own local shuffle; the order stays reproducible for --resume
-    datasets = {"train": read_ray_dataset(plan.data_uri).random_shuffle(seed=cfg.seed).materialize()}
-    if plan.eval_data is not None:
-        datasets["val"] = read_ray_dataset(plan.eval_uri).materialize()
+    try:
+        datasets = {"train": read_ray_dataset(plan.data_uri).random_shuffle(seed=cfg.seed).materialize()}
+        if plan.eval_data is not None:
+            datasets["val"] = read_ray_dataset(plan.eval_uri).materialize()
+    except Exception as e:  # a read task's error (e.g. a corrupt shard) as itself, not Ray's wrapped traceback
+        raise root_cause(e) from None
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"plan": plan},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
