@@ -323,12 +323,16 @@ def test_cifar_pickles_are_untrusted(tmp_path):
         images_from_cifar(str(tmp_path / "other.tar.gz"), str(tmp_path / "x.tar"))
 
 
-def test_images_from_cifar_command(tmp_path):
+def test_dataset_commands_images_from_cifar_and_prune(tmp_path):
     help_text = run_job("jobs/dataset.py", "--help").stdout
-    if "images-from-cifar" not in help_text:
-        pytest.skip("jobs/dataset.py has no images-from-cifar subcommand yet (the integrator adds it)")
+    if "images-from-cifar" not in help_text or "prune" not in help_text:
+        pytest.skip("jobs/dataset.py has no images-from-cifar/prune subcommands yet (the integrator adds them)")
     archive = tmp_path / "cifar-10-python.tar.gz"
     _cifar_archive(archive)
     out = run_job("jobs/dataset.py", "-q", "images-from-cifar", str(archive), str(tmp_path / "c.tar"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["images"] == 20
+    dst, ids = _seit_import(tmp_path)
+    out = run_job("jobs/dataset.py", "-q", "prune", dst, str(tmp_path / "pruned"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["codebook_size"] == len(np.unique(ids))
