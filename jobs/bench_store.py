@@ -47,11 +47,17 @@ def plain_pass(uri) -> int:
     return sum(len(b["ids"]) for b in open_dataset(uri).iter_batches(batch_size=1024))
 
 
-def lmdb_random(uri, n: int = 20000, seed: int = 0) -> int:
+def lmdb_random(uri, n: int = 20000, seed: int = 0, batch: int = 1) -> int:
+    """Random sample ids, one ``get`` each (batch 1) or ``get_many`` of ``batch`` ids in one transaction."""
     ds = open_dataset(uri)
     sids = np.concatenate([s for s in (np.arange(i.first_sample_id, i.last_sample_id + 1) for i in ds.manifest.shards)])
-    for sid in np.random.default_rng(seed).choice(sids, n):
-        ds.get(int(sid))
+    pick = np.random.default_rng(seed).choice(sids, n)
+    if batch == 1:
+        for sid in pick:
+            ds.get(int(sid))
+    else:
+        for start in range(0, n, batch):
+            ds.get_many(pick[start:start + batch])
     return n
 
 
@@ -153,6 +159,8 @@ def main() -> int:
     if "lmdb" not in args.skip:
         copy_dataset(uri, f"lmdb://{tmp}/lmdb")
         rows.append({"path": "lmdb: random access by sample id", "samples_per_s": timed(lambda: lmdb_random(f"lmdb://{tmp}/lmdb"))})
+        rows.append({"path": "lmdb: random access, get_many of 1024 (one txn)",
+                     "samples_per_s": timed(lambda: lmdb_random(f"lmdb://{tmp}/lmdb", n=100_000, batch=1024), 3)})
     if "ray" not in args.skip:
         rows += ray_rows(uri)
     print_table(rows)

@@ -7,6 +7,8 @@
   python jobs/dataset.py synth DST [--samples 45000 --grid 8 8 --codebook 512]
   python jobs/dataset.py pixels IMAGES DST --size 16 --quality 50 [--split train|val|all]
   python jobs/dataset.py import-seit DATA_BIN_GZ LABELS_TXT CODEBOOK DST [--grid 32 32]
+  python jobs/dataset.py prune SRC DST [--tokenizer SPEC]
+  python jobs/dataset.py images-from-cifar cifar-10-python.tar.gz DST.tar [--split train|test|all] [--format jpeg]
 
 info, verify, copy and subset work the same on token and pixel datasets.
 
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from tokray.cli import print_result, print_table, run_main
 from tokray.runtime import setup_logging
+from tokray.data import cifar, prune
 from tokray.data.pixels import write_pixel_dataset
 from tokray.data.seit_import import import_seit, seit_index_path
 from tokray.data.synth import SynthTokens
@@ -134,6 +137,12 @@ def cmd_import_seit(args) -> int:
     return 0
 
 
+def _report(rows: list[dict], result: dict) -> int:
+    print_table(rows)
+    print_result(result)
+    return 0
+
+
 def _src_dst(sub, name: str, fn, help: str) -> argparse.ArgumentParser:
     s = sub.add_parser(name, help=help)
     s.add_argument("src")
@@ -203,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-rows", type=int, default=8192, help="samples per shard (default 8192)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_import_seit)
+    prune.add_command(sub, _report)
+    cifar.add_command(sub, _report)
     return p
 
 

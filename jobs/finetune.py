@@ -3,6 +3,7 @@
   python jobs/finetune.py --init runs/cifar_mtm      # the MTM encoder, loaded strictly (head new)
   python jobs/finetune.py                            # the same recipe from scratch (the comparison)
   python jobs/finetune.py --smoke-test --init runs/smoke
+  python jobs/finetune.py --init runs/cifar_mtm --set augment.coloradapt_prob=0.5 --set lr=1e-3 --mlflow file://$PWD/mlruns
 
 The encoder loads strictly: every model key but the new head must come from the checkpoint, and
 the job names the checkpoint keys it drops (the MTM decoder). Layer-wise lr decay, CutMix/Mixup
@@ -17,7 +18,7 @@ import argparse
 
 from tokray.cli import print_result, print_table, run_main
 from tokray.runtime import setup_logging
-from tokray.train.launch import add_train_args, config_from_args
+from tokray.train.launch import add_train_args, config_from_args, tracking_from_args
 
 
 def main() -> int:
@@ -26,16 +27,17 @@ def main() -> int:
     p.add_argument("--init", help="MTM checkpoint to start from: a run directory (latest checkpoint), a "
                                   "checkpoint_* directory or a state.pt; omit to train from scratch")
     p.add_argument("--eval-data", help="validation token dataset URI (default: the embedded CIFAR-10 validation split)")
-    p.add_argument("--ema", type=float, help="EMA decay of the weights (0 = off); its top-1 is reported too")
+    p.add_argument("--ema-decay", type=float, help="EMA decay of the weights (0 = off); its top-1 is reported too "
+                                                   "(evaluate.py --ema and export.py --ema then use the EMA weights)")
     args = p.parse_args()
     setup_logging()
     from tokray.train.launch import fit, prepare
 
-    extra = {"init": args.init, "eval_data": args.eval_data, "ema_decay": args.ema}
+    extra = {"init": args.init, "eval_data": args.eval_data, "ema_decay": args.ema_decay}
     plan = prepare(config_from_args(args, task="classify", smoke_recipe="smoke_ft", extra=extra), resume=args.resume,
                    overwrite=args.overwrite)
     cfg = plan.config
-    result = fit(plan)
+    result = fit(plan, tracking=tracking_from_args(args))
     m = result.metrics or {}
     ckpt = result.checkpoint.path if result.checkpoint else None
     total = plan.steps[1]

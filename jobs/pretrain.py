@@ -3,6 +3,7 @@
   python jobs/pretrain.py                          # recipe cifar_mtm on the embedded CIFAR-10 tokens
   ray job submit --runtime-env infra/runtime_env.yaml -- python jobs/pretrain.py
   python jobs/pretrain.py --recipe cifar_mtm --data s3://bucket/tokens --epochs 10 --resume
+  python jobs/pretrain.py --config overrides.yaml --set model_args.mask_ratio_min=0.5 --mlflow file://$PWD/mlruns
 
 Connects to a running cluster (RAY_ADDRESS or `ray start --head` on this machine) or starts Ray
 locally. Prints the config, saves it as <out>/config.json, logs one progress line per interval,
@@ -16,7 +17,7 @@ import argparse
 
 from tokray.cli import print_result, print_table, run_main
 from tokray.runtime import setup_logging
-from tokray.train.launch import add_train_args, config_from_args
+from tokray.train.launch import add_train_args, config_from_args, tracking_from_args
 
 
 def main() -> int:
@@ -29,7 +30,7 @@ def main() -> int:
     plan = prepare(config_from_args(args, task="mtm", smoke_recipe="smoke"), resume=args.resume,
                    overwrite=args.overwrite)
     cfg = plan.config
-    result = fit(plan)
+    result = fit(plan, tracking=tracking_from_args(args))
     m = result.metrics or {}
     ckpt = result.checkpoint.path if result.checkpoint else None
     total = plan.steps[1]

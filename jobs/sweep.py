@@ -48,6 +48,10 @@ def main() -> int:
     p.add_argument("--severity", type=int, help="corruption severity 1-5 (default 3)")
     p.add_argument("--results-dir", help="where results.md/.csv/.png go (default: --out)")
     p.add_argument("--smoke-test", action="store_true", help="a two-trial sweep with a tiny model: seconds")
+    from tokray.train.launch import add_override_args, add_tracking_args
+
+    add_override_args(p)  # the same --config / --set / --mlflow as pretrain.py and finetune.py, for every trial
+    add_tracking_args(p)
     args = p.parse_args()
     setup_logging()
 
@@ -67,6 +71,7 @@ def main() -> int:
     smoke = {**SMOKE, **({"budgets": ("2%",), "pixel_sizes": (16, 8)} if args.images else {})}  # 2 trials either way
     base = SweepConfig(**smoke) if args.smoke_test else SweepConfig()
     cfg = dataclasses.replace(base, **{k: v for k, v in fields.items() if v is not None})
+    cfg = _with_trial_overrides(cfg, args)
     init_ray()
     subsets = materialize_subsets(cfg)
     run_phase("mtm", mtm_runs(cfg, subsets), cfg)
@@ -84,6 +89,26 @@ def main() -> int:
                   "failed": sum(1 for r in rows if r.get("error")),
                   "rows": [{k: r[k] for k in ("budget", "store_bytes", "method", "top1")} for r in res["rows"]]})
     return 0
+
+
+def _with_trial_overrides(cfg, args):
+    """--config / --set (checked against every swept recipe now, so a bad key fails before any trial) and
+    --mlflow, handed to the trials through the SweepConfig."""
+    import dataclasses
+
+    from tokray.overrides import apply_overrides, load_config_file, parse_set
+    from tokray.recipes import get_recipe
+
+    overrides = [o for path in args.config_files for o in load_config_file(path)] + parse_set(args.overrides)
+    if not (overrides or args.mlflow):
+        return cfg
+    for r in cfg.recipes:
+        apply_overrides(get_recipe(r), overrides)
+    have = {f.name for f in dataclasses.fields(cfg)}
+    if not {"overrides", "mlflow"} <= have:
+        raise ValueError("--config/--set/--mlflow do not reach sweep trials yet (tokray.sweep.plan.SweepConfig has no "
+                         "overrides/mlflow fields); set them in a recipe for now")
+    return dataclasses.replace(cfg, overrides=tuple(overrides), mlflow=args.mlflow or "")
 
 
 if __name__ == "__main__":

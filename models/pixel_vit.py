@@ -18,6 +18,9 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 
 from models.registry import register_model
+from models.token_vit import register_timm
+
+__all__ = ["PixelEmbed", "pixel_vit", "patch_size_for"]
 
 
 class PixelEmbed(PatchEmbed):
@@ -61,6 +64,7 @@ def pixel_vit(img_size: int, num_classes: int = 0, *, patch_size: int | None = N
         norm_layer=partial(nn.LayerNorm, eps=1e-6), embed_layer=partial(PixelEmbed, mean=mean, std=std))
 
 
+@register_timm
 @register_model
 def pixel_vit_tiny(img_size=32, **kw):
     """Matches token_vit_tiny: width 128, depth 4, 64 patches (32 px -> 4 px patches, 16 -> 2, 8 -> 1)."""

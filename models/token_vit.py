@@ -7,13 +7,43 @@ Grid and vocabulary are arguments (a dataset manifest supplies them), never lite
 
 from __future__ import annotations
 
+import functools
+import warnings
 from functools import partial
 
+import timm.models
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from models.registry import register_model
+
+# timm's register_model appends each name it registers here
+__all__ = ["TokenEmbed", "token_vit", "describe_weights", "register_timm"]
+
+
+def register_timm(fn):
+    """Also register ``fn`` in timm's own registry, so ``timm.create_model(name, grid=..., vocab_size=...,
+    num_classes=...)`` builds it (after ``import models.token_vit``). timm passes ``pretrained`` and its
+    pretrained-config arguments to every entrypoint: there are no hub weights for these models (an exported
+    model's ``model.safetensors`` loads with ``load_state_dict``). A name timm already has is refused, never
+    overwritten (timm itself would overwrite it with a warning)."""
+    name = fn.__name__
+    if timm.models.is_model(name) and timm.models.model_entrypoint(name).__module__ != fn.__module__:
+        raise RuntimeError(f"timm already has a model named {name!r} "
+                           f"({timm.models.model_entrypoint(name).__module__}); rename ours")
+
+    @functools.wraps(fn)
+    def entrypoint(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, **kw):
+        if pretrained:
+            raise ValueError(f"{name} has no pretrained weights in timm; build it with pretrained=False and load an "
+                             f"exported model's model.safetensors (python jobs/export.py)")
+        return fn(**kw)
+
+    with warnings.catch_warnings():  # a re-import of this module replaces its own entries
+        warnings.simplefilter("ignore", UserWarning)
+        timm.models.register_model(entrypoint)
+    return fn
 
 
 class TokenEmbed(nn.Module):
@@ -73,18 +103,21 @@ def describe_weights(state_dict: dict) -> str:
     return f"width {width}, depth {depth}, {codes} codes"
 
 
+@register_timm
 @register_model
 def token_vit_tiny(grid=(8, 8), vocab_size=512, **kw):
     """CIFAR scale: width 128, depth 4, 1x1 stem (64 patches on an 8x8 grid)."""
     return token_vit(grid, vocab_size, **{"stem": 1, "embed_dim": 128, "depth": 4, "num_heads": 4, **kw})
 
 
+@register_timm
 @register_model
 def token_vit_small(grid=(28, 28), vocab_size=391, **kw):
     """ViT-S/16 equivalent on SeiT's 28x28 token crops: 2x2 stem, 196 patches."""
     return token_vit(grid, vocab_size, **{"stem": 2, "embed_dim": 384, "depth": 12, "num_heads": 6, **kw})
 
 
+@register_timm
 @register_model
 def token_vit_base(grid=(28, 28), vocab_size=391, **kw):
     """ViT-B/16 equivalent on SeiT's 28x28 token crops: 2x2 stem, 196 patches."""

@@ -21,7 +21,7 @@ import numpy as np
 from tokray.data.seit_import import CODEBOOK_FILE
 from tokray.data.tokenizer import (PRUNE_MAP_FILE, load_tokenizer, prune_map_bytes, pruned_fingerprint,
                                    read_prune_map)
-from tokray.storage.dataset import DatasetWriter, open_dataset
+from tokray.storage.dataset import DatasetWriter, manifest_digest, open_dataset
 from tokray.storage.formats.tokens import TokenMeta, table_ids
 from tokray.storage.stores import same_location
 from tokray.storage.uri import parse_uri
@@ -78,7 +78,7 @@ def prune_dataset(src, dst, tokenizer: str | None = None, overwrite: bool = Fals
                                       "codes": int(len(keep)), "source_codebook_size": int(meta.codebook_size)}}
     new_meta = TokenMeta(grid=meta.grid, codebook_size=int(len(keep)), class_names=meta.class_names, tokenizer=fp,
                          shard_rows=meta.shard_rows, extra=extra)
-    with DatasetWriter(dst, new_meta, overwrite=overwrite) as writer:
+    with DatasetWriter(dst, new_meta, overwrite=overwrite, source=manifest_digest(ds)) as writer:
         for name in ds.manifest.files:  # other side files travel along; the codebook and map are new
             if name not in (CODEBOOK_FILE, PRUNE_MAP_FILE):
                 writer.add_file(name, ds.read_file(name))

@@ -157,7 +157,7 @@ def tokenize(job: TokenizeJob, use_ray: bool = True, overwrite: bool = False, pr
                      extra={"source": src.uri.rstrip("/").rsplit("/", 1)[-1], "split": job.split,
                             "val_per_class": job.val_per_class, "split_seed": job.split_seed,
                             "jpeg_bytes": src.file_bytes(indices), "images": int(len(indices))})
-    writer = DatasetWriter(job.dst, meta, overwrite=overwrite)
+    writer = DatasetWriter(job.dst, meta, overwrite=overwrite, source=src.identity())
     for name, data in tok.dataset_files().items():  # a pruned view's codebook and map
         writer.add_file(name, data)
     num_shards = -(-len(indices) // job.shard_rows)

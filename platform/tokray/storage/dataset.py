@@ -99,10 +99,17 @@ class Dataset:
         """(payload, label) of one sample: tokens (ids [h, w], label), pixels (uint8 [s, s, 3], label);
         LMDB stores only."""
         if not isinstance(self.store, LMDBStore):
+            self.get_many([sample_id])  # raises the error that names the remedy
+        value = self.store.get_one(sample_id, self.manifest.shards)
+        return self.format.payloads_to_numpy(self.meta, [value[4:]])[0], int.from_bytes(value[:4], "little", signed=True)
+
+    def get_many(self, sample_ids) -> dict[str, np.ndarray]:
+        """A batch (as ``iter_batches`` yields) of the samples with these ids, in this order, read in one
+        LMDB transaction; LMDB stores only."""
+        if not isinstance(self.store, LMDBStore):
             raise ValueError(f"random access by sample id needs an LMDB store; {self.uri} is not one. "
                              f"Copy it: `python jobs/dataset.py copy {self.uri} lmdb:///path/to/env`")
-        one = self.store.get(sample_id, self.manifest.shards, self.format, self.meta)
-        return one[self.format.payload_key][0], int(one[LABEL][0])
+        return self.store.get_many(sample_ids, self.manifest.shards, self.format, self.meta)
 
     def verify(self, on_shard=None) -> list[str]:
         """Check every shard; return one line per problem (empty when the dataset is intact)."""
@@ -130,6 +137,7 @@ def open_dataset(uri, cache: ShardCache | None | bool = None) -> Dataset:
     store.check(for_write=False)
     data = store.read_meta(MANIFEST_NAME)
     if data is None:
+        store.confirm_location()  # e.g. a missing bucket, named as such
         partial = store.read_meta(PROGRESS_NAME) is not None
         why = ("an interrupted write is there (no manifest yet); rerun the same command to resume it"
                if partial else "no manifest.json there")

@@ -6,6 +6,7 @@ is one write transaction over a key range; its digest covers its keys and values
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import os
@@ -39,9 +40,10 @@ class LMDBStore(Store):
         self._env = None
         self._handles = None
         self._verified: set[str] = set()
+        self._firsts: dict[int, list[int]] = {}  # id(shard tuple) -> first sample ids, for bisect
 
     def __getstate__(self):
-        return {**self.__dict__, "_env": None, "_handles": None, "_verified": set()}
+        return {**self.__dict__, "_env": None, "_handles": None, "_verified": set(), "_firsts": {}}
 
     def check(self, for_write):
         if os.path.exists(self.uri.path) and not os.path.isdir(self.uri.path):
@@ -186,25 +188,61 @@ class LMDBStore(Store):
 
         self._write_txn(delete)
 
-    def get(self, sample_id: int, shards: tuple[ShardInfo, ...], fmt, meta) -> dict:
-        """One record by sample id, as a batch of one; its shard is verified on its first access."""
-        info = self._shard_of(sample_id, shards)
-        if info.path not in self._verified:
-            self._verified_scan(info)
-        env = self._open(write=False)
-        _, rec = self._dbs(env)
-        with env.begin(db=rec) as txn:
-            v = txn.get(self._KEY.pack(sample_id))
+    def _check_owned(self, sample_ids: np.ndarray, shards: tuple[ShardInfo, ...]) -> None:
+        """Every id lies in a shard's key range; each shard touched is verified on its first access."""
+        firsts = np.array([s.first_sample_id for s in shards], dtype=np.int64)
+        owner = np.searchsorted(firsts, sample_ids, side="right") - 1  # shards hold ascending key ranges
+        for i in np.unique(owner):
+            inside = sample_ids[owner == i]
+            if i < 0 or not (inside <= shards[int(i)].last_sample_id).all():
+                raise KeyError(f"sample id {int(inside[0] if i < 0 else inside.max())} is not in {self.uri}")
+            if shards[int(i)].path not in self._verified:
+                self._verified_scan(shards[int(i)])
+
+    def get_one(self, sample_id: int, shards: tuple[ShardInfo, ...]) -> bytes:
+        """The stored value (int32 label + payload) of one sample id."""
+        firsts = self._firsts.get(id(shards))
+        if firsts is None:
+            firsts = self._firsts[id(shards)] = [s.first_sample_id for s in shards]
+        i = bisect.bisect_right(firsts, sample_id) - 1
+        if i < 0 or sample_id > shards[i].last_sample_id:
+            raise KeyError(f"sample id {sample_id} is not in {self.uri}")
+        if shards[i].path not in self._verified:
+            self._verified_scan(shards[i])
+        env = self._env if self._env is not None else self._open(write=False)
+        with env.begin(db=self._handles[1], buffers=False) as txn:
+            v = txn.get(self._KEY.pack(int(sample_id)))
         if v is None:
             raise KeyError(f"sample id {sample_id} is not in {self.uri}")
-        return fmt.to_numpy(meta, self._records_to_table([(self._KEY.pack(sample_id), bytes(v))], fmt, meta))
+        return v
 
-    @staticmethod
-    def _shard_of(sample_id: int, shards) -> ShardInfo:
-        for s in shards:
-            if s.first_sample_id <= sample_id <= s.last_sample_id:
-                return s
-        raise KeyError(f"sample id {sample_id} is not in this dataset")
+    def get_many(self, sample_ids, shards: tuple[ShardInfo, ...], fmt, meta) -> dict:
+        """Records by sample id, in the order asked, as one batch: one read transaction and one batched
+        lookup of the sorted keys (B-tree pages are then visited in order)."""
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        self._check_owned(sample_ids, shards)
+        order = np.argsort(sample_ids, kind="stable")
+        packed = sample_ids[order].astype(">i8").tobytes()
+        keys = [packed[i:i + 8] for i in range(0, len(packed), 8)]
+        env = self._open(write=False)
+        with env.begin(db=self._handles[1], buffers=False) as txn:
+            found = txn.cursor().getmulti(keys)
+        if len(found) != len(keys):
+            have = {k for k, _ in found}
+            raise KeyError(f"sample id {self._KEY.unpack(next(k for k in keys if k not in have))[0]} is not in {self.uri}")
+        values = [v for _, v in found]
+        width = len(values[0])
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))  # sorted position of each asked id
+        if all(len(v) == width for v in values):  # fixed-size records (tokens): one buffer, two views
+            raw = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), width)[back]
+            labels = raw[:, :4].copy().view("<i4").reshape(-1)
+            payloads = raw[:, 4:]
+        else:
+            values = [values[j] for j in back]
+            labels = np.array([self._LABEL.unpack_from(v)[0] for v in values], dtype=np.int32)
+            payloads = [v[4:] for v in values]
+        return {fmt.payload_key: fmt.payloads_to_numpy(meta, payloads), LABEL: labels, SAMPLE_ID: sample_ids}
 
     def overhead_bytes(self, shards):
         env = self._open(write=False)

@@ -47,20 +47,7 @@ class S3Store(FileStore):
     @property
     def fs(self):
         if self._fs is None:
-            import s3fs
-
-            client_kwargs = {}
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            if endpoint:
-                client_kwargs["endpoint_url"] = endpoint
-            self._fs = s3fs.S3FileSystem(
-                client_kwargs=client_kwargs, use_listings_cache=False, skip_instance_cache=True,
-                config_kwargs={"connect_timeout": env_number("TOKRAY_S3_CONNECT_TIMEOUT", 10, float),
-                               "read_timeout": env_number("TOKRAY_S3_READ_TIMEOUT", 20, float),
-                               "retries": {"max_attempts": 3, "mode": "standard"}})
-            # botocore retries transient errors (throttling, 5xx, resets, timeouts); s3fs's own retry loop
-            # (5 more rounds of those) would multiply a dead endpoint's wait, so it runs once
-            self._fs.retries = 1
+            self._fs = _filesystem()
         return self._fs
 
     def __getstate__(self):
@@ -85,6 +72,11 @@ class S3Store(FileStore):
                 "Check AWS_ENDPOINT_URL, the network and the credentials.") from None
 
     def check(self, for_write):
+        if for_write:
+            self.confirm_location()
+        # reading: the manifest GET answers; only when it is missing does confirm_location say why
+
+    def confirm_location(self):
         try:
             self._call("HEAD bucket", lambda: self.fs.call_s3("head_bucket", Bucket=self.uri.bucket))
         except FileNotFoundError:
@@ -180,3 +172,29 @@ def _holder_gone(held: dict, age: float) -> bool:
         except (PermissionError, ValueError):
             pass
     return age > env_number("TOKRAY_S3_LOCK_STALE_S", 900, float)
+
+
+_FILESYSTEMS: dict[tuple, object] = {}  # (pid, endpoint, timeouts) -> s3fs.S3FileSystem
+
+
+def _filesystem():
+    """The process's S3 filesystem for the current endpoint and timeouts. Creating a client costs ~0.4 s (the
+    aiobotocore session and its connection pool): one per process, not one per opened dataset, keeps a read
+    of a cached dataset as fast as a local one."""
+    import s3fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    timeouts = (env_number("TOKRAY_S3_CONNECT_TIMEOUT", 10, float), env_number("TOKRAY_S3_READ_TIMEOUT", 20, float))
+    creds = tuple(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"))
+    key = (os.getpid(), endpoint, timeouts, creds)
+    if key not in _FILESYSTEMS:
+        fs = s3fs.S3FileSystem(
+            client_kwargs={"endpoint_url": endpoint} if endpoint else {}, use_listings_cache=False,
+            skip_instance_cache=True,
+            config_kwargs={"connect_timeout": timeouts[0], "read_timeout": timeouts[1],
+                           "retries": {"max_attempts": 3, "mode": "standard"}})
+        # botocore retries transient errors (throttling, 5xx, resets, timeouts); s3fs's own retry loop
+        # (5 more rounds of those) would multiply a dead endpoint's wait, so it runs once
+        fs.retries = 1
+        _FILESYSTEMS[key] = fs
+    return _FILESYSTEMS[key]

@@ -94,6 +94,10 @@ class Store(abc.ABC):
     def check(self, for_write: bool) -> None:
         """Fail early with a clear error if the location cannot be used."""
 
+    def confirm_location(self) -> None:
+        """Raise a clear error when the location itself is missing (called when no manifest was found)."""
+        self.check(for_write=False)
+
     @abc.abstractmethod
     def read_meta(self, name: str) -> bytes | None:
         ...

@@ -38,16 +38,64 @@ def add_train_args(p: argparse.ArgumentParser, task: str, default_recipe: str) -
                    help="each worker appends the sample ids of every batch to <out>/trace/ (audits the data split)")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N optimizer steps")
     p.add_argument("--max-failures", type=int, help="worker-group restarts from the latest checkpoint before giving up")
+    add_override_args(p)
+    add_tracking_args(p)
+
+
+def add_override_args(p: argparse.ArgumentParser) -> None:
+    """--config FILE.yaml and --set KEY=VALUE: any TrainConfig / AugmentConfig field (tokray.overrides)."""
+    p.add_argument("--config", action="append", default=[], metavar="FILE.yaml", dest="config_files",
+                   help="YAML mapping of config overrides (nested augment: / model_args: mappings, or dotted keys; a "
+                        "saved config.json works too); repeatable, later files win")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="set one config field: a TrainConfig field (lr=1e-3), augment.<field> "
+                        "(augment.coloradapt_prob=0.5) or model_args.<key> (model_args.embed_dim=64); values are "
+                        "YAML (lists: rrc_scale=[0.35,1.0]); repeatable. Precedence: recipe < --config < the named "
+                        "flags above < --set")
+
+
+def add_tracking_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mlflow", metavar="URI",
+                   help="also log params (the config) and metrics to MLflow at this tracking URI (file:///abs/mlruns, "
+                        "http://host:5000), through Ray's setup_mlflow; experiment $MLFLOW_EXPERIMENT_NAME or 'tokray'. "
+                        "W&B: set WANDB_API_KEY (project $WANDB_PROJECT or 'tokray')")
 
 
 def config_from_args(args: argparse.Namespace, task: str, smoke_recipe: str, extra: dict | None = None) -> TrainConfig:
+    """The recipe, then --config files, then the named flags (and ``extra``: a job's own), then --set, applied at
+    once and validated as a whole."""
+    from tokray.overrides import apply_overrides, load_config_file, parse_set
+
     flags = {"model": args.model, "data": args.data, "epochs": args.epochs, "max_steps": args.max_steps,
              "batch_size": args.batch_size, "lr": args.lr, "num_workers": args.num_workers, "out": args.out,
-             "ckpt_every": args.ckpt_every, "max_failures": args.max_failures, "trace_batches": args.trace_batches or None, **(extra or {})}
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    if args.gpu:
-        overrides["use_gpu"] = True
-    return get_recipe(smoke_recipe if args.smoke_test else args.recipe, task=task, **overrides)
+             "ckpt_every": args.ckpt_every, "max_failures": args.max_failures, "trace_batches": args.trace_batches or None,
+             "use_gpu": args.gpu or None, **(extra or {})}
+    overrides = [o for path in getattr(args, "config_files", None) or () for o in load_config_file(path)]
+    overrides += [(k, v, "flags") for k, v in flags.items() if v is not None]
+    overrides += parse_set(getattr(args, "overrides", None) or ())
+    cfg = get_recipe(smoke_recipe if args.smoke_test else args.recipe, task=task)
+    return apply_overrides(cfg, overrides)
+
+
+def tracking_from_args(args: argparse.Namespace):
+    """What the workers log to beside TensorBoard (tokray.train.loop.Tracking), or None: --mlflow URI, and W&B
+    when WANDB_API_KEY is set (and wandb installed)."""
+    from tokray.train.loop import Tracking
+
+    mlflow_uri = getattr(args, "mlflow", None) or ""
+    wandb = bool(os.environ.get("WANDB_API_KEY"))
+    if wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            log.warning("WANDB_API_KEY is set but wandb is not installed (pip install wandb): not logging to W&B")
+            wandb = False
+    if mlflow_uri and "://" not in mlflow_uri:  # a local path: MLflow's file store wants it absolute
+        mlflow_uri = "file://" + os.path.abspath(mlflow_uri)
+    if not (mlflow_uri or wandb):
+        return None
+    return Tracking(mlflow_uri=mlflow_uri, mlflow_experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or "tokray",
+                    wandb=wandb, wandb_project=os.environ.get("WANDB_PROJECT") or "tokray")
 
 
 def claim_run_dir(out: str, resume: bool, overwrite: bool) -> None:
@@ -192,9 +240,12 @@ def _data_config():
     return ray.train.DataConfig(datasets_to_split=["train"], execution_options=options, enable_shard_locality=False)
 
 
-def fit(plan: RunPlan, callbacks: list | None = None):
+def fit(plan: RunPlan, callbacks: list | None = None, tracking=None):
     """Run the plan on a Ray Train TorchTrainer (``callbacks``: Ray Train user callbacks, e.g. Tune's report
-    callback); returns its Result. A non-finite loss on a worker re-raises here as its NonFiniteLoss."""
+    callback; ``tracking``: a ``tokray.train.loop.Tracking``, MLflow / W&B beside TensorBoard, logged by rank 0
+    through Ray's setup functions); returns its Result. A non-finite loss on a worker re-raises here as its
+    NonFiniteLoss."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -208,6 +259,9 @@ def fit(plan: RunPlan, callbacks: list | None = None):
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         f.write(cfg.to_json())
     init_ray()
+    # Ray Data's progress bars would interleave with the training log; the datasets (and the split coordinator
+    # feeding the workers) carry this context
+    ray.data.DataContext.get_current().enable_progress_bars = False
     # training sets are small: read (and verify) once, then every epoch streams from the object store. Stores
     # keep samples in source order (often sorted by class): one seeded global shuffle here, while the CPUs
     # are free, and each epoch adds its own local shuffle; the order stays reproducible for --resume
@@ -218,7 +272,7 @@ def fit(plan: RunPlan, callbacks: list | None = None):
     except Exception as e:  # a read task's error (e.g. a corrupt shard) as itself, not Ray's wrapped traceback
         raise root_cause(e) from None
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config={"plan": plan},
+        train_loop_per_worker, train_loop_config={"plan": plan, "tracking": tracking},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=ray.train.RunConfig(name=cfg.recipe, storage_path=os.path.join(cfg.out, "ray"), callbacks=callbacks,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),

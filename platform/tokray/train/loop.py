@@ -11,6 +11,7 @@ the (unsplit) validation stream at every epoch end, each rank taking every world
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,67 @@ from tokray.train.seeds import derive_seed
 from tokray.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tracking:
+    """Where rank 0 logs besides TensorBoard (the driver's ``tracking_from_args``): params = the frozen config,
+    flattened (``augment.noise_prob``); metrics = exactly what ``ray.train.report`` reports, at its steps."""
+
+    mlflow_uri: str = ""  # MLflow tracking URI ("" = off)
+    mlflow_experiment: str = "tokray"
+    wandb: bool = False  # W&B (the worker reads WANDB_API_KEY from its environment)
+    wandb_project: str = "tokray"
+
+
+def flat_config(cfg) -> dict:
+    """The config as one level of dotted keys (what MLflow and W&B show as params)."""
+    out = {}
+    for k, v in dataclasses.asdict(cfg).items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{sub}": val for sub, val in v.items()} or {k: "{}"})
+        else:
+            out[k] = v
+    return out
+
+
+class _Trackers:
+    """MLflow (Ray's ``setup_mlflow``) and W&B (Ray's ``setup_wandb``) on rank 0; each (re)start of the worker
+    group opens one run, tagged with the run dir and its first step."""
+
+    def __init__(self, tracking: Tracking | None, cfg, rank: int, start_step: int):
+        self.mlflow = self.wandb = None
+        if tracking is None or rank != 0:
+            return
+        params = flat_config(cfg)
+        name = os.path.basename(cfg.out.rstrip("/")) or cfg.recipe
+        tags = {"tokray.recipe": cfg.recipe, "tokray.out": cfg.out, "tokray.start_step": str(start_step)}
+        if tracking.mlflow_uri:
+            from ray.air.integrations.mlflow import setup_mlflow
+
+            self.mlflow = setup_mlflow(params, tracking_uri=tracking.mlflow_uri, run_name=name, tags=tags,
+                                       experiment_name=tracking.mlflow_experiment, create_experiment_if_not_exists=True)
+            log.info("MLflow: run %s in experiment %r at %s", self.mlflow.active_run().info.run_id,
+                     tracking.mlflow_experiment, tracking.mlflow_uri)
+        if tracking.wandb:
+            from ray.air.integrations.wandb import setup_wandb
+
+            self.wandb = setup_wandb(params, project=tracking.wandb_project, name=name, tags=[cfg.recipe],
+                                     rank_zero_only=False)
+
+    def log(self, metrics: dict, step: int) -> None:
+        numbers = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(numbers, step=step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class _Progress:
@@ -45,7 +107,8 @@ class _Progress:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """``config``: {"plan": the driver's RunPlan}."""
+    """``config``: {"plan": the driver's RunPlan, "tracking": a Tracking or None}."""
+    import ray.data
     import ray.train
     import ray.train.torch
 
@@ -86,6 +149,8 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("val") if cfg.task == "classify" else None
     tb = _tensorboard(cfg.out) if rank == 0 else None
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the training log stays readable
+    trackers = _Trackers(config.get("tracking"), cfg, rank, step)
     micro = cfg.batch_size // world // cfg.grad_accum
     trace = _batch_trace(cfg.out, rank, step) if cfg.trace_batches else None
     prog = _Progress()
@@ -138,12 +203,15 @@ def train_loop_per_worker(config: dict) -> None:
             _write_tensorboard(tb, metrics, step, logged)
             if step % cfg.ckpt_every == 0 or step == total or "val_top1" in metrics:
                 save_and_report(raw, opt, ema, step, plan, metrics, rank)
+                trackers.log(metrics, step)
             elif logged:
                 ray.train.report(metrics)
+                trackers.log(metrics, step)
             t0 = time.perf_counter()
     for f in (tb, trace):
         if f is not None:
             f.close()
+    trackers.close()
 
 
 def _batch_trace(out: str, rank: int, step: int):

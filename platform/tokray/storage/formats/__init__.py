@@ -70,6 +70,11 @@ class RecordFormat(abc.ABC):
         ...
 
     @abc.abstractmethod
+    def payloads_to_numpy(self, meta, payloads):
+        """LMDB payloads (a list of bytes, or a uint8 array [n, width] when all have one size) -> the batch's
+        ``payload_key`` array."""
+
+    @abc.abstractmethod
     def inmemory_bytes(self, meta, rows: int, shard_bytes: int) -> int:
         """Estimated bytes of ``rows`` decoded rows (Ray Data plans blocks with it)."""
 

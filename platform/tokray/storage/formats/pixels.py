@@ -100,6 +100,10 @@ class PixelFormat(RecordFormat):
     def table_from_payloads(self, meta, payloads, labels, sample_ids) -> pa.Table:
         return self.records_to_table(meta, payloads, labels, sample_ids)
 
+    def payloads_to_numpy(self, meta: PixelMeta, payloads) -> np.ndarray:
+        blobs = [bytes(p) for p in payloads]  # (rows of a uint8 array when every JPEG has one size)
+        return decode_jpegs(blobs, meta.size)
+
     def inmemory_bytes(self, meta, rows: int, shard_bytes: int) -> int:
         # the loose JPEGs are a few times the shard bytes (their headers are zstd-shared on the store)
         return 4 * shard_bytes + 12 * rows

@@ -103,6 +103,10 @@ class TokenFormat(RecordFormat):
         ids = np.frombuffer(b"".join(payloads), dtype="<u2").reshape(len(payloads), meta.tokens_per_sample)
         return self.records_to_table(meta, ids, labels, sample_ids)
 
+    def payloads_to_numpy(self, meta: TokenMeta, payloads) -> np.ndarray:
+        flat = payloads if isinstance(payloads, np.ndarray) else np.frombuffer(b"".join(payloads), dtype=np.uint8)
+        return np.ascontiguousarray(flat).view("<u2").reshape(-1, *meta.grid)
+
     def inmemory_bytes(self, meta: TokenMeta, rows: int, shard_bytes: int) -> int:
         return rows * (2 * meta.tokens_per_sample + 12)
 
