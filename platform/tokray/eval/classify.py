@@ -54,7 +54,7 @@ def token_batches(uri: str, spec: DataSpec, ckpt: str, batch_size: int, limit: i
 
 
 def image_batches(src_uri: str, split: str, tokenizer_path: str, spec: DataSpec, ckpt: str, batch_size: int,
-                  limit: int, device, transform=None):
+                  limit: int, device, transform=None, data_uri: str = ""):
     """Decode raw images, ``transform`` them (uint8 [n, H, W, 3] -> same; e.g. a corruption), tokenize them
     with the checkpoint data's tokenizer, yield id batches."""
     import torch
@@ -62,6 +62,8 @@ def image_batches(src_uri: str, split: str, tokenizer_path: str, spec: DataSpec,
     from tokray.data.tokenizer import load_tokenizer, to_unit
 
     tokenizer, info = load_tokenizer(tokenizer_path)
+    if info["fingerprint"] != spec.tokenizer and data_uri:  # pruned training data: its map gives the ids
+        tokenizer, info = load_tokenizer(tokenizer_path, for_dataset=data_uri)
     if info["fingerprint"] != spec.tokenizer:  # ids mean nothing under another tokenizer
         raise ValueError(f"checkpoint {ckpt} was trained on tokens of tokenizer {spec.tokenizer}, but "
                          f"{tokenizer_path} is tokenizer {info['fingerprint']}; pass the training data's --tokenizer")
@@ -147,7 +149,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str = "", images: str = "", split: s
     elif images:
         source = images
         batches = image_batches(images, split, tokenizer or default_tokenizer(), spec, ckpt, batch_size, limit, device,
-                                transform)
+                                transform, data_uri=cfg.data or default_tokens("train"))
     else:
         source = data or default_tokens("val")
         batches = token_batches(source, spec, ckpt, batch_size, limit)

@@ -50,7 +50,7 @@ UNIT = 16  # log2-probabilities are integers in units of 1/16 bit
 _EXP2 = np.array([1073741824, 1028218693, 984625594, 942880699, 902905651, 864625413, 827968132, 792865000,
                   759250125, 727060411, 696235434, 666717336, 638450708, 611382493, 585461881, 560640218],
                  dtype=np.int64)
-RANS_L = 1 << 32  # the normalised rANS state is in [2**32, 2**64); words are 32 bits
+RANS_L = 1 << 31  # the normalised rANS state is in [2**31, 2**63) (int64); words are 32 bits
 MAX_LANES = 1024
 MODEL_MAGIC = b"TKCM"
 MODEL_VERSION = 1
@@ -245,7 +245,7 @@ class ContextModel:
             strides.append(acc)
             acc *= g
         strides = strides[::-1]
-        ctx_m = [((gm * s) << self.scale_bits).astype(np.uint32) for gm, s in zip(self.groups, strides)]
+        ctx_m = [(gm * s) << self.scale_bits for gm, s in zip(self.groups, strides)]  # int64
         return {"freq": f, "start": start, "fq": fq.ravel(), "st": st.ravel(), "lut": lut, "ctx_m": ctx_m}
 
     def contexts(self, ids: np.ndarray) -> np.ndarray:
@@ -284,9 +284,9 @@ def _fix_sums(f: np.ndarray, total: int) -> np.ndarray:
 
 def _init_ids(scale_bits: int, tokens_per_sample: int) -> int:
     """Ids of each lane's last sample coded into the lane's initial state (rANS from state 0,
-    no renormalisation): as many as surely fit, 2**32 + M**k <= 2**64."""
+    no renormalisation): as many as surely fit, 2**31 + M**k <= 2**63."""
     m, k = 1 << scale_bits, 1
-    while k < tokens_per_sample and m ** (k + 1) <= (1 << 64) - RANS_L:
+    while k < tokens_per_sample and m ** (k + 1) <= (1 << 63) - RANS_L:
         k += 1
     return k
 
@@ -305,15 +305,20 @@ def _tail_lanes(r: int, rounds: int, rem: int, lanes: int) -> int:
     return lanes
 
 
-def _block_end(p: int, length: int) -> bool:
-    """Positions are renormalised in blocks (0, 1), (2, 3), ...; the last may be single."""
-    return p % 2 == 1 or p == length - 1
+def _block(scale_bits: int) -> int:
+    """Positions per renormalisation: 2 while a pair of frequencies fits the state's headroom."""
+    return 2 if 2 * scale_bits <= 31 else 1
 
 
-def _renorm_span(p: int, t: int, k: int, tail: int, active: int) -> tuple[int, int]:
+def _block_end(p: int, length: int, block: int) -> bool:
+    """Positions are renormalised in blocks (0, 1), (2, 3), ... (or singly); the last may be single."""
+    return block == 1 or p % 2 == 1 or p == length - 1
+
+
+def _renorm_span(p: int, t: int, k: int, tail: int, active: int, block: int) -> tuple[int, int]:
     """Lanes [lo, hi) whose renormalisation block ends at position p."""
-    a = _block_end(p, t) and tail > 0  # lanes that go on: blocks over the whole sample
-    b = p < t - k and _block_end(p, t - k) and tail < active  # ending lanes, before their initial ids
+    a = _block_end(p, t, block) and tail > 0  # lanes that go on: blocks over the whole sample
+    b = p < t - k and _block_end(p, t - k, block) and tail < active  # ending lanes, before their initial ids
     if a and b:
         return 0, active
     if a:
@@ -344,11 +349,11 @@ def default_lanes(n: int, tokens_per_sample: int) -> int:
 
 
 def _pack_states(x: np.ndarray) -> bytes:
-    """Final states in [2**32, 2**64): 5 bits of (bit length - 33) each, then each state's bits
-    below its leading one. About 4.5 bits less than 64 per lane on average."""
-    bl = 32 + np.frexp((x >> np.uint64(32)).astype(np.float64))[1].astype(np.int64)
+    """Final states in [2**31, 2**63): 5 bits of (bit length - 32) each, then each state's bits
+    below its leading one: about 4.5 bits more than the state's information, not 32."""
+    bl = 31 + np.frexp((x >> 31).astype(np.float64))[1].astype(np.int64)
     lanes = x.size
-    nb_bits = np.unpackbits((bl - 33).astype(np.uint8)[:, None], axis=1)[:, 3:]
+    nb_bits = np.unpackbits((bl - 32).astype(np.uint8)[:, None], axis=1)[:, 3:]
     xb = np.unpackbits(x.astype(">u8").view(np.uint8).reshape(lanes, 8), axis=1)
     keep = np.arange(64)[None] >= (65 - bl)[:, None]
     return np.packbits(np.concatenate([nb_bits.ravel(), xb[keep]])).tobytes()
@@ -360,7 +365,7 @@ def _unpack_states(data: memoryview, off: int, lanes: int) -> tuple[np.ndarray, 
     if len(data) < off + n5:
         raise ValueError("coded ids: truncated lane states")
     hb = np.unpackbits(np.frombuffer(data, np.uint8, n5, off))[:5 * lanes].reshape(lanes, 5).astype(np.int64)
-    ln = hb @ np.array([16, 8, 4, 2, 1]) + 32  # bits below the leading one
+    ln = hb @ np.array([16, 8, 4, 2, 1]) + 31  # bits below the leading one
     total = 5 * lanes + int(ln.sum())
     nbytes = -(-total // 8)
     if len(data) < off + nbytes:
@@ -369,9 +374,9 @@ def _unpack_states(data: memoryview, off: int, lanes: int) -> tuple[np.ndarray, 
     j = np.arange(63)[None]
     valid = j < ln[:, None]
     pos = np.minimum((np.cumsum(ln) - ln)[:, None] + j, bits.size - 1)
-    b = (bits[pos] & valid).astype(np.uint64)
-    shift = np.where(valid, ln[:, None] - 1 - j, 0).astype(np.uint64)
-    x = (b << shift).sum(axis=1, dtype=np.uint64) | (np.uint64(1) << ln.astype(np.uint64))
+    b = (bits[pos] & valid).astype(np.int64)
+    shift = np.where(valid, ln[:, None] - 1 - j, 0)
+    x = (b << shift).sum(axis=1) | (np.int64(1) << ln)
     return x, off + nbytes
 
 
@@ -387,39 +392,37 @@ def encode_ids(ids: np.ndarray, model: ContextModel, lanes: int | None = None) -
     if not 1 <= lanes <= min(n, 1 << 20):
         raise ValueError(f"lanes must be in [1, {min(n, 1 << 20)}], got {lanes}")
     mb = model.scale_bits
-    kin = _init_ids(mb, t)
+    kin, block = _init_ids(mb, t), _block(mb)
     tabs = model._get_tables()
     flat = ids.reshape(n, t).astype(np.int64)
     ctx = model.contexts(ids).reshape(n, t)
-    f_all = tabs["freq"][ctx, flat].astype(np.uint64).T.copy()  # [T, N]
-    s_all = tabs["start"][ctx, flat].astype(np.uint64).T.copy()
+    f_all = tabs["freq"][ctx, flat].T.copy()  # [T, N] int64
+    s_all = tabs["start"][ctx, flat].T.copy()
     rounds, rem = _lane_plan(n, lanes)
-    x = np.zeros(lanes, dtype=np.uint64)
+    x = np.zeros(lanes, dtype=np.int64)
     chunks = []
-    mbu, s32, lo32 = np.uint64(mb), np.uint64(32), np.uint64(0xFFFFFFFF)
-    pair_shift, single_shift, ru = np.uint64(64 - 2 * mb), np.uint64(64 - mb), np.uint64(RANS_L)
     for r in reversed(range(rounds)):
         active = lanes if r < rounds - 1 else rem
         tail = _tail_lanes(r, rounds, rem, lanes)
         base = r * lanes
         for p in reversed(range(t)):
-            lo, hi = _renorm_span(p, t, kin, tail, active)
+            lo, hi = _renorm_span(p, t, kin, tail, active, block)
             if lo < hi:
                 xs = x[lo:hi]
                 f = f_all[p, base + lo:base + hi]
-                if p % 2:
-                    xmax = (f * f_all[p - 1, base + lo:base + hi]) << pair_shift
+                if block == 2 and p % 2:
+                    xmax = (f * f_all[p - 1, base + lo:base + hi]) << (63 - 2 * mb)
                 else:
-                    xmax = f << single_shift
+                    xmax = f << (63 - mb)
                 emit = np.flatnonzero(xs >= xmax)
                 if emit.size:
-                    chunks.append((xs[emit] & lo32).astype("<u4"))
-                    xs[emit] >>= s32
+                    chunks.append((xs[emit] & 0xFFFFFFFF).astype("<u4"))
+                    xs[emit] >>= 32
             xs = x[:active]
             q, rr = np.divmod(xs, f_all[p, base:base + active])
-            xs[:] = (q << mbu) + rr + s_all[p, base:base + active]
+            xs[:] = (q << mb) + rr + s_all[p, base:base + active]
             if p == t - kin and tail < active:
-                x[tail:active] += ru
+                x[tail:active] += RANS_L
     words = b"".join(c.tobytes() for c in reversed(chunks))
     return _STREAM_HEADER.pack(STREAM_VERSION, lanes, kin) + _pack_states(x) + words
 
@@ -447,29 +450,30 @@ def decode_ids(data: bytes, model: ContextModel, n: int, grid: tuple[int, int]) 
     if kin != _init_ids(mbi, t):
         raise ValueError("coded ids: layout does not match this model and grid")
     x, off = _unpack_states(data, _STREAM_HEADER.size, lanes)
+    if (x >= 1 << 62 << 1).any():
+        raise ValueError("coded ids: corrupt lane state")
     if (len(data) - off) % 4:
         raise ValueError("coded ids: truncated word stream")
-    words = np.frombuffer(data, "<u4", (len(data) - off) // 4, off).astype(np.uint64)
+    words = np.frombuffer(data, "<u4", (len(data) - off) // 4, off).astype(np.int64)
     nwords = words.size
     tabs = model._get_tables()
     lut, fq, st, ctx_m = tabs["lut"], tabs["fq"], tabs["st"], tabs["ctx_m"]
-    mb, sh = np.uint64(mbi), np.uint32(mbi - model._id_bits)
-    mask = np.uint64((1 << mbi) - 1)
-    s32, ru = np.uint64(32), np.uint64(RANS_L)
-    init_cap = np.uint64((1 << mbi) ** kin)
+    mb, sh, mask, ru = mbi, mbi - model._id_bits, (1 << mbi) - 1, RANS_L
+    init_cap = (1 << mbi) ** kin
+    block = _block(mbi)
     # per position: the context terms, (table, source row) or a constant for off-grid neighbours
     const, terms = [], []
     for row in _sources((h, w), model.features):
-        const.append(np.uint32(sum(int(cm[model.codebook_size]) for src, cm in zip(row, ctx_m) if src is None)))
+        const.append(sum(int(cm[model.codebook_size]) for src, cm in zip(row, ctx_m) if src is None))
         terms.append([(cm, src) for src, cm in zip(row, ctx_m) if src is not None])
     rounds, rem = _lane_plan(n, lanes)
     out = np.empty((rounds * lanes, t), dtype=np.uint16)
-    tok = np.empty((t, lanes), dtype=np.uint16)
+    tok = np.empty((t, lanes), dtype=np.int64)
     ptr = 0
     for r in range(rounds):
         active = lanes if r < rounds - 1 else rem
         tail = _tail_lanes(r, rounds, rem, lanes)
-        spans = [_renorm_span(p, t, kin, tail, active) for p in range(t)]
+        spans = [_renorm_span(p, t, kin, tail, active, block) for p in range(t)]
         xa = x[:active]
         for p in range(t):
             if p == t - kin and tail < active:
@@ -488,7 +492,8 @@ def decode_ids(data: bytes, model: ContextModel, n: int, grid: tuple[int, int]) 
             else:
                 c = const[p]
             slot = xa & mask
-            s = np.take(lut, c | slot, out=tok[p, :active], mode="clip")
+            s = tok[p, :active]
+            s[:] = lut[c | slot]
             fi = (c >> sh) | s
             xa >>= mb
             xa *= fq[fi]
@@ -502,7 +507,7 @@ def decode_ids(data: bytes, model: ContextModel, n: int, grid: tuple[int, int]) 
                     end = ptr + need.size
                     if end > nwords:
                         raise ValueError("coded ids: stream ends early (corrupt or truncated)")
-                    xs[need] = (xs[need] << s32) | words[ptr:end]
+                    xs[need] = (xs[need] << 32) | words[ptr:end]
                     ptr = end
         if tail < active and x[tail:active].any():
             raise ValueError("coded ids: corrupt lane state at the end of a lane")
