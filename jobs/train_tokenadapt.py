@@ -22,32 +22,22 @@ import dataclasses
 import json
 
 from tokray.cli import print_result, print_table, run_main
+from tokray.fit.common import add_fit_args, fit_fields
 from tokray.fit.tokenadapt import TokenAdaptConfig, train
 from tokray.runtime import setup_logging
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, help="image source: a tar, a folder or an s3:// prefix")
-    p.add_argument("--out", default="runs/tokenadapt", help="run directory (checkpoint, config, result)")
+    add_fit_args(p, TokenAdaptConfig, out="runs/tokenadapt", model_help="registered TokenAdapt variant")
     p.add_argument("--tokenizer", default="", help="PATH.safetensors or diffusers:PATH (default: the embedded "
                    "CIFAR-10 tokenizer)")
     p.add_argument("--tokens", default="", help="a token dataset pruned from --tokenizer's ids: train for its "
                    "pruned ids")
-    p.add_argument("--model", default=TokenAdaptConfig.model, help="registered TokenAdapt variant")
-    p.add_argument("--model-args", default="{}", help='JSON overrides, e.g. \'{"dim": 64, "depth": 1}\'')
-    p.add_argument("--steps", type=int, default=TokenAdaptConfig.steps)
-    p.add_argument("--batch-size", type=int, default=TokenAdaptConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TokenAdaptConfig.lr)
-    p.add_argument("--eval-every", type=int, default=TokenAdaptConfig.eval_every)
     p.add_argument("--eval-images", type=int, default=TokenAdaptConfig.eval_images,
                    help="held-out images for the periodic agreement (the final one uses the whole split)")
-    p.add_argument("--val-per-class", type=int, default=TokenAdaptConfig.val_per_class)
-    p.add_argument("--max-images", type=int, default=0, help="use only this many training images (0 = all)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is "
                    "fastest on a CPU shared with other jobs")
-    p.add_argument("--no-resume", action="store_true")
     p.add_argument("--smoke-test", action="store_true", help="a few steps of a tiny model on a few images (seconds)")
     args = p.parse_args()
     setup_logging()
@@ -55,11 +45,8 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    cfg = TokenAdaptConfig(images=args.images, out_dir=args.out, tokenizer=args.tokenizer, tokens=args.tokens,
-                           model=args.model,
-                           model_args=json.loads(args.model_args), steps=args.steps, batch_size=args.batch_size,
-                           lr=args.lr, eval_every=args.eval_every, eval_images=args.eval_images,
-                           val_per_class=args.val_per_class, max_images=args.max_images, seed=args.seed)
+    cfg = TokenAdaptConfig(**fit_fields(args), tokenizer=args.tokenizer, tokens=args.tokens,
+                           eval_images=args.eval_images)
     if args.smoke_test:
         cfg = dataclasses.replace(cfg, steps=4, batch_size=8, warmup=2, eval_every=2, ckpt_every=2, eval_images=8,
                                   max_images=64, val_per_class=2,

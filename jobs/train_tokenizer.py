@@ -13,28 +13,18 @@ import dataclasses
 import json
 
 from tokray.cli import print_result, print_table, run_main
+from tokray.fit.common import add_fit_args, fit_fields
 from tokray.fit.tokenizer import TokenizerConfig, train
 from tokray.runtime import setup_logging
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, help="image source: a tar, a folder or an s3:// prefix")
-    p.add_argument("--out", default="runs/tokenizer", help="run directory (checkpoint, config, result)")
-    p.add_argument("--model", default="vq_cifar_8x8", help="registered tokenizer variant")
-    p.add_argument("--model-args", default="{}", help='JSON overrides, e.g. \'{"codebook_size": 256}\'')
-    p.add_argument("--steps", type=int, default=TokenizerConfig.steps)
-    p.add_argument("--batch-size", type=int, default=TokenizerConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TokenizerConfig.lr)
-    p.add_argument("--eval-every", type=int, default=TokenizerConfig.eval_every)
-    p.add_argument("--val-per-class", type=int, default=TokenizerConfig.val_per_class)
-    p.add_argument("--no-resume", action="store_true")
+    add_fit_args(p, TokenizerConfig, out="runs/tokenizer", model_help="registered tokenizer variant")
     p.add_argument("--smoke-test", action="store_true", help="a few steps on a few images (seconds)")
     args = p.parse_args()
     setup_logging()
-    cfg = TokenizerConfig(images=args.images, out_dir=args.out, model=args.model,
-                          model_args=json.loads(args.model_args), steps=args.steps, batch_size=args.batch_size,
-                          lr=args.lr, eval_every=args.eval_every, val_per_class=args.val_per_class)
+    cfg = TokenizerConfig(**fit_fields(args))
     if args.smoke_test:
         cfg = dataclasses.replace(cfg, steps=6, batch_size=16, eval_every=3, ckpt_every=3, max_images=256,
                                   val_per_class=2, model_args={"widths": (16, 32), "codebook_size": 64,

@@ -27,25 +27,19 @@ from tokray.augment.tokenadapt import load_tokenadapt, save_tokenadapt, tokenada
 from tokray.data.tokenizer import load_tokenizer, require_can, to_unit
 from tokray.eval.agreement import agreement
 from tokray.fit.tokenizer import load_split
-from tokray.train.schedule import warmup_cosine
+from tokray.fit.common import FitConfig
 
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenAdaptConfig:
-    images: str
-    out_dir: str
+class TokenAdaptConfig(FitConfig):
     tokenizer: str = ""  # a load_tokenizer spec (PATH.safetensors, diffusers:PATH); "" = the embedded CIFAR-10 one
     tokens: str = ""  # a token dataset: train for its ids (the pruned view when it was pruned from the tokenizer)
     model: str = "tokenadapt_cifar"
-    model_args: dict = dataclasses.field(default_factory=dict, hash=False)
     steps: int = 2000
-    batch_size: int = 64
     lr: float = 2e-3
-    min_lr: float = 1e-5
-    warmup: int = 100
     weight_decay: float = 0.05
     # the training view A: flip, then the affine group, then a random-resized crop
     flip_prob: float = 0.5
@@ -53,29 +47,19 @@ class TokenAdaptConfig:
     crop_prob: float = 0.5
     crop_scale: tuple = (0.08, 1.0)
     crop_ratio: tuple = (3 / 4, 4 / 3)
-    val_per_class: int = 500
-    split_seed: int = 0
-    seed: int = 0
-    eval_every: int = 500
     eval_images: int = 1000  # validation images for the periodic agreement (the final one uses all)
     ckpt_every: int = 100
-    max_images: int = 0  # 0 = all training images
+
+    positive = FitConfig.positive + ("eval_images",)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_every", "ckpt_every", "eval_images"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        super().__post_init__()
         self.geometry()
 
     def geometry(self) -> GeometrySpec:
         return GeometrySpec(flip_prob=self.flip_prob, affine_prob=self.affine_prob, crop_prob=self.crop_prob,
                             crop_scale=tuple(self.crop_scale), crop_ratio=tuple(self.crop_ratio))
 
-
-def lr_at(step: int, cfg: TokenAdaptConfig) -> float:
-    return warmup_cosine(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup)
 
 
 def load_pixels(cfg: TokenAdaptConfig, size: int):
@@ -160,7 +144,7 @@ def train(cfg: TokenAdaptConfig, resume: bool = True, progress: bool = True) -> 
         with torch.no_grad():
             target = tokenizer.encode(warp(x, theta, (size, size)).clamp(-1, 1))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = cfg.lr_at(step)
         logits = tokenadapt_logits(model, embed(source_ids[idx], codebook), theta, tokenizer.grid)
         loss = F.cross_entropy(logits, target)
         if not torch.isfinite(loss):
@@ -173,7 +157,7 @@ def train(cfg: TokenAdaptConfig, resume: bool = True, progress: bool = True) -> 
         elapsed = time.time() - t_start
         bar.update(1)
         acc = (logits.argmax(1) == target).float().mean().item()
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", lr=f"{lr_at(step - 1, cfg):.2e}",
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", lr=f"{cfg.lr_at(step - 1):.2e}",
                         img_s=f"{seen / max(elapsed, 1e-9):.0f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             res = agreement(tokenizer, model, eval_px, psnr=False)

@@ -20,36 +20,18 @@ from tokray.data.images import ImageSource, decode_many
 from tokray.data.splits import split_indices
 from tokray.data.tokenizer import save_tokenizer, to_unit
 from tokray.eval.metrics import entropy_bits, psnr_from_sse, squared_error_255
-from tokray.train.schedule import warmup_cosine
+from tokray.fit.common import FitConfig
 
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenizerConfig:
-    images: str
-    out_dir: str
+class TokenizerConfig(FitConfig):
     model: str = "vq_cifar_8x8"
-    model_args: dict = dataclasses.field(default_factory=dict, hash=False)
     steps: int = 3000
     batch_size: int = 128
-    lr: float = 1e-3
     min_lr: float = 5e-5
-    warmup: int = 100
-    val_per_class: int = 500
-    split_seed: int = 0
-    seed: int = 0
-    eval_every: int = 500
-    ckpt_every: int = 250
-    max_images: int = 0  # 0 = all training images
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_every", "ckpt_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
 
 
 def load_split(cfg: TokenizerConfig, size: int):
@@ -84,9 +66,6 @@ def evaluate(model, pixels: np.ndarray, batch: int = 500) -> dict:
             "bits_per_token": entropy_bits(ids)}
 
 
-def lr_at(step: int, cfg: TokenizerConfig) -> float:
-    return warmup_cosine(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup)
-
 
 def train(cfg: TokenizerConfig, resume: bool = True, progress: bool = True) -> dict:
     from tqdm import tqdm
@@ -116,7 +95,7 @@ def train(cfg: TokenizerConfig, resume: bool = True, progress: bool = True) -> d
         flip = torch.rand(len(x), generator=gen) < 0.5
         x[flip] = x[flip].flip(-1)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = cfg.lr_at(step)
         out = model(x)
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(f"non-finite tokenizer loss at step {step}")

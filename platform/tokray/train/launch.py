@@ -94,8 +94,26 @@ def tracking_from_args(args: argparse.Namespace):
         mlflow_uri = "file://" + os.path.abspath(mlflow_uri)
     if not (mlflow_uri or wandb):
         return None
-    return Tracking(mlflow_uri=mlflow_uri, mlflow_experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or "tokray",
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "tokray"
+    return Tracking(mlflow_uri=mlflow_uri, mlflow_experiment=experiment,
+                    mlflow_experiment_id=_mlflow_experiment(mlflow_uri, experiment) if mlflow_uri else "",
                     wandb=wandb, wandb_project=os.environ.get("WANDB_PROJECT") or "tokray")
+
+
+def _mlflow_experiment(uri: str, name: str) -> str:
+    """The id of experiment ``name`` at ``uri``, created if new: the store is reached (and refused) here, on the
+    driver, before any worker starts."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(name)
+        return exp.experiment_id if exp is not None else client.create_experiment(name)
+    except Exception as e:  # MlflowException, connection and sqlalchemy errors: one line naming the URI
+        why = " ".join(str(e).split())[:300]
+        hint = (" MLflow 3 keeps file stores read-only by default: use a database store (--mlflow sqlite:////abs/"
+                "mlflow.db) or set MLFLOW_ALLOW_FILE_STORE=true." if uri.startswith("file:") else "")
+        raise ValueError(f"--mlflow {uri}: cannot open the tracking store ({type(e).__name__}: {why}).{hint}") from None
 
 
 def claim_run_dir(out: str, resume: bool, overwrite: bool) -> None:

@@ -34,6 +34,7 @@ class Tracking:
 
     mlflow_uri: str = ""  # MLflow tracking URI ("" = off)
     mlflow_experiment: str = "tokray"
+    mlflow_experiment_id: str = ""  # made (or found) by the driver, so workers never race to create it
     wandb: bool = False  # W&B (the worker reads WANDB_API_KEY from its environment)
     wandb_project: str = "tokray"
 
@@ -64,6 +65,7 @@ class _Trackers:
             from ray.air.integrations.mlflow import setup_mlflow
 
             self.mlflow = setup_mlflow(params, tracking_uri=tracking.mlflow_uri, run_name=name, tags=tags,
+                                       experiment_id=tracking.mlflow_experiment_id or None,
                                        experiment_name=tracking.mlflow_experiment, create_experiment_if_not_exists=True)
             log.info("MLflow: run %s in experiment %r at %s", self.mlflow.active_run().info.run_id,
                      tracking.mlflow_experiment, tracking.mlflow_uri)
