@@ -74,3 +74,29 @@ def test_subset_cli(source, tmp_path):
     assert res["store_bytes"] <= res["budget_bytes"]
     bad = run_job("jobs/dataset.py", "subset", source, str(tmp_path / "bad"), "--budget", "lots")
     assert bad.returncode == 2 and "budget 'lots'" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_an_interrupted_subset_resumes_within_its_budget(tmp_path, monkeypatch):
+    from tokray.storage import budget as budget_mod
+    from tokray.storage.budget import Budget, make_subset
+    from tokray.storage.dataset import open_dataset
+
+    src = str(tmp_path / "src")
+    write_synth(src, samples=6000, shard_rows=500)
+    real = budget_mod._write_selection
+    calls = []
+
+    def interrupted(writer, ds, selected, starts):
+        if writer.store.uri.path.endswith("sub") and not calls:
+            calls.append(1)
+            writer.write_table(ds.read_shard(0))  # a shard of other rows lands, then the kill
+            raise KeyboardInterrupt
+        return real(writer, ds, selected, starts)
+
+    monkeypatch.setattr(budget_mod, "_write_selection", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_subset(src, str(tmp_path / "sub"), Budget.parse("30%"))
+    monkeypatch.setattr(budget_mod, "_write_selection", real)
+    m = make_subset(src, str(tmp_path / "sub"), Budget.parse("30%"))
+    limit = int(open_dataset(src).manifest.store_bytes * 0.30)
+    assert m.store_bytes <= limit and open_dataset(tmp_path / "sub").verify() == []

@@ -136,3 +136,17 @@ def test_decode_hand_written_bytes():
                   255, 135, 0, 1, 2, 254])  # image 1: 390, 0, 1, 2, 254
     got = decode_seit_tokens(data, np.array([0, 8, 14]), 5)
     np.testing.assert_array_equal(got, [[3, 255, 300, 510, 254], [390, 0, 1, 2, 254]])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip"])
+def test_damaged_data_file_is_one_line(damage, tmp_path):
+    rng = np.random.default_rng(4)
+    ids = _random_ids(rng, 40, 16)
+    paths = _write_seit(tmp_path, ids, rng.integers(0, 5, 40), torch.randn(K, D))
+    raw = open(paths["data"], "rb").read()
+    with open(paths["data"], "wb") as f:
+        f.write(raw[: len(raw) // 2] if damage == "truncated" else b"plain bytes, no gzip header" * 10)
+    out = _import(paths, tmp_path / "ds", "--grid", "4", "4")
+    errors = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "val-token.data.bin.gz" in errors[0] and "gzip" in errors[0]
