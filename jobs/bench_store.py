@@ -18,8 +18,7 @@ import time
 
 import numpy as np
 
-from tokray.cli import print_result, print_table, run_main
-from tokray.runtime import setup_logging
+from tokray.cli import parse_args, print_result, print_table, run_main
 from tokray.storage.dataset import copy_dataset, open_dataset
 from tokray.storage.formats.tokens import table_ids
 
@@ -132,8 +131,7 @@ def main() -> int:
                    help="dataset sizes for the peak-memory rows")
     p.add_argument("--skip", nargs="*", default=[], choices=["s3", "lmdb", "ray", "rss"])
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes, seconds")
-    args = p.parse_args()
-    setup_logging()
+    args = parse_args(p)
     if args.smoke_test:
         args.samples, args.rss_sizes = 3000, [5000, 20000]
     tmp = tempfile.mkdtemp(prefix="tokray-bench-")
@@ -173,8 +171,7 @@ def main() -> int:
             rss.append({"samples": n, "write_peak_rss_mib": peak_rss("write", n, where),
                         "read_peak_rss_mib": peak_rss("read", n, where)})
         print_table(rss)
-    print_result({"storage": storage, "throughput": {r["path"]: r["samples_per_s"] for r in rows}, "peak_rss": rss})
-    return 0
+    return print_result({"storage": storage, "throughput": {r["path"]: r["samples_per_s"] for r in rows}, "peak_rss": rss})
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ import time
 import numpy as np
 import torch
 
-from tokray.cli import print_result, print_table, run_main
-from tokray.runtime import setup_logging
+from tokray.cli import parse_args, print_result, print_table, run_main
 
 _DOWN, _UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
 PRESETS = {
@@ -97,10 +96,7 @@ def main() -> int:
     p.add_argument("--device", help="cpu, cuda, ... (default: the accelerator if any, else cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--smoke-test", action="store_true", help="the tiny preset, 1 batch of 2 (seconds)")
-    args = p.parse_args()
-    setup_logging()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(p)
     if args.smoke_test:
         args.preset, args.batches, args.batch_size, args.tokenizer = "tiny", 1, 2, None
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,8 +107,7 @@ def main() -> int:
         res["tokenizer"] = f"{args.preset} (random weights)"
     print_table([res], ["preset", "parameters_m", "image_size", "grid", "codes", "batch_size", "batches", "device",
                         "dtype", "threads", "images_per_s", "ms_per_image", "cpu_seconds_per_image", "load_average"])
-    print_result(res)
-    return 0
+    return print_result(res)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ import os
 
 from tqdm import tqdm
 
-from tokray.cli import print_result, print_table, run_main
-from tokray.runtime import setup_logging
+from tokray.cli import parse_args, print_result, print_table, run_main
 from tokray.data import cifar, prune
 from tokray.data.pixels import write_pixel_dataset
 from tokray.data.seit_import import import_seit, seit_index_path
@@ -45,10 +44,9 @@ def cmd_info(args) -> int:
               "shard_bytes": m.shard_bytes, "store_bytes": m.store_bytes,
               "bytes_per_sample": m.store_bytes / max(1, m.num_samples)}
     print_table([{"field": k, "value": v} for k, v in fields.items()])
-    print_result({"uri": ds.uri, "kind": m.kind, "num_samples": m.num_samples, **_meta_fields(m.meta),
-                  "num_classes": len(m.meta.class_names), "shards": len(m.shards), "shard_bytes": m.shard_bytes,
-                  "store_bytes": m.store_bytes, "extra": m.meta.extra})
-    return 0
+    return print_result({"uri": ds.uri, "kind": m.kind, "num_samples": m.num_samples, **_meta_fields(m.meta),
+                         "num_classes": len(m.meta.class_names), "shards": len(m.shards), "shard_bytes": m.shard_bytes,
+                         "store_bytes": m.store_bytes, "extra": m.meta.extra})
 
 
 def _meta_fields(meta) -> dict:
@@ -74,8 +72,7 @@ def cmd_copy(args) -> int:
     src = open_dataset(args.src)
     with tqdm(total=len(src.manifest.shards), desc="copy", unit="shard", disable=args.quiet) as bar:
         m = copy_dataset(args.src, args.dst, overwrite=args.overwrite, progress=bar.update)
-    print_result({"dst": args.dst, "num_samples": m.num_samples, "store_bytes": m.store_bytes})
-    return 0
+    return print_result({"dst": args.dst, "num_samples": m.num_samples, "store_bytes": m.store_bytes})
 
 
 def cmd_subset(args) -> int:
@@ -84,9 +81,8 @@ def cmd_subset(args) -> int:
     sub = m.meta.extra["subset"]
     print_table([{"budget": str(budget), "budget_bytes": sub["budget_bytes"] or "-", "samples": m.num_samples,
                   "store_bytes": m.store_bytes, "of_source_bytes": m.store_bytes / sub["source_store_bytes"]}])
-    print_result({"dst": args.dst, "budget": str(budget), "budget_bytes": sub["budget_bytes"],
-                  "num_samples": m.num_samples, "store_bytes": m.store_bytes, "seed": args.seed})
-    return 0
+    return print_result({"dst": args.dst, "budget": str(budget), "budget_bytes": sub["budget_bytes"],
+                         "num_samples": m.num_samples, "store_bytes": m.store_bytes, "seed": args.seed})
 
 
 def cmd_synth(args) -> int:
@@ -102,9 +98,8 @@ def cmd_synth(args) -> int:
                     writer.write_shard(start // args.shard_rows, *gen.chunk(start, n))
                 bar.update(n)
         m = writer.close(num_shards=-(-args.samples // args.shard_rows))
-    print_result({"dst": args.dst, "num_samples": m.num_samples, "store_bytes": m.store_bytes,
-                  "shards": len(m.shards)})
-    return 0
+    return print_result({"dst": args.dst, "num_samples": m.num_samples, "store_bytes": m.store_bytes,
+                         "shards": len(m.shards)})
 
 
 def cmd_pixels(args) -> int:
@@ -117,8 +112,7 @@ def cmd_pixels(args) -> int:
                   "shards_written": res["shards_written"], "skipped": len(res["skipped"])}])
     for name in res["skipped"]:
         print(f"skipped (unreadable): {name}")
-    print_result({**{k: v for k, v in res.items() if k != "skipped"}, "skipped_count": len(res["skipped"])})
-    return 0
+    return print_result({**{k: v for k, v in res.items() if k != "skipped"}, "skipped_count": len(res["skipped"])})
 
 
 def cmd_import_seit(args) -> int:
@@ -131,16 +125,14 @@ def cmd_import_seit(args) -> int:
     print_table([{"samples": m.num_samples, "grid": f"{h}x{w}", "codebook_size": m.meta.codebook_size,
                   "store_bytes": m.store_bytes, "bytes_per_sample": m.store_bytes / max(1, m.num_samples),
                   "source_gz_bytes": source_bytes}])
-    print_result({"dst": args.dst, "num_samples": m.num_samples, "grid": [h, w],
-                  "codebook_size": m.meta.codebook_size, "tokenizer": m.meta.tokenizer,
-                  "store_bytes": m.store_bytes, "shards": len(m.shards), "source_gz_bytes": source_bytes})
-    return 0
+    return print_result({"dst": args.dst, "num_samples": m.num_samples, "grid": [h, w],
+                         "codebook_size": m.meta.codebook_size, "tokenizer": m.meta.tokenizer,
+                         "store_bytes": m.store_bytes, "shards": len(m.shards), "source_gz_bytes": source_bytes})
 
 
 def _report(rows: list[dict], result: dict) -> int:
     print_table(rows)
-    print_result(result)
-    return 0
+    return print_result(result)
 
 
 def _src_dst(sub, name: str, fn, help: str) -> argparse.ArgumentParser:
@@ -218,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> int:
-    args = build_parser().parse_args()
-    setup_logging(args.verbose)
+    args = parse_args(build_parser())
     return args.fn(args)
 
 

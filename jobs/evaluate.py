@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from tokray.cli import print_result, print_table, run_main
+from tokray.cli import parse_args, print_result, print_table, run_main
 from tokray.eval.classify import evaluate_checkpoint
-from tokray.runtime import setup_logging
 
 log = logging.getLogger("tokray.jobs.evaluate")
 
@@ -36,8 +35,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--max-samples", type=int, default=0, help="evaluate a seeded, class-stratified sample of N (0 = all)")
     p.add_argument("--smoke-test", action="store_true", help="runs/smoke_ft, first 512 samples: seconds")
-    args = p.parse_args()
-    setup_logging()
+    args = parse_args(p)
 
     ckpt = args.checkpoint or ("runs/smoke_ft" if args.smoke_test else "runs/cifar_ft")
     res = evaluate_checkpoint(ckpt, data=args.data or "", images=args.images or "", split=args.split,
@@ -45,8 +43,7 @@ def main() -> int:
                               limit=args.max_samples or (512 if args.smoke_test else 0))
     row = {k: res[k] for k in ("checkpoint", "source", "input", "weights", "samples", "top1", "samples_per_s")}
     print_table([row])
-    print_result(res)
-    return 0
+    return print_result(res)
 
 
 if __name__ == "__main__":

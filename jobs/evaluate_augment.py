@@ -27,12 +27,11 @@ from tokray.assets import default_tokenizer
 from tokray.augment import ops
 from tokray.augment.geometry import warp
 from tokray.augment.tokenadapt import load_tokenadapt, tokenadapt_logits
-from tokray.cli import print_result, print_table, run_main
+from tokray.cli import parse_args, print_result, print_table, run_main
 from tokray.data.images import ImageSource, decode_many
 from tokray.data.splits import split_indices
 from tokray.data.tokenizer import load_tokenizer, to_unit
 from tokray.eval.agreement import EVAL_VIEWS, agreement
-from tokray.runtime import setup_logging
 
 
 def to_u8(x: torch.Tensor) -> np.ndarray:
@@ -107,10 +106,8 @@ def main() -> int:
     p.add_argument("--noise-std", type=float, default=0.1, help="Emb-Noise per-position std (figure)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke-test", action="store_true", help="64 images")
-    args = p.parse_args()
-    setup_logging()
-    if args.tokenizer is None:
-        args.tokenizer = default_tokenizer()
+    args = parse_args(p)
+    args.tokenizer = args.tokenizer or default_tokenizer()
     tokenizer, info = load_tokenizer(args.tokenizer)
     tokenadapt, ta_info = load_tokenadapt(args.tokenadapt, info["fingerprint"])  # refuses a mismatch first
     src = ImageSource(args.images)
@@ -140,8 +137,7 @@ def main() -> int:
            "tokenizer": info["fingerprint"], "tokenadapt": ta_info["fingerprint"],
            "tokens_changed": {**changed, "noise_offset_std": args.noise_offset_std, "noise_std": args.noise_std},
            "pngs": [views_png, colour_png]}
-    print_result(out)
-    return 0
+    return print_result(out)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ import numpy as np
 import torch
 
 from tokray.assets import default_tokenizer
-from tokray.cli import print_result, print_table, run_main
+from tokray.cli import parse_args, print_result, print_table, run_main
 from tokray.data.images import ImageSource, decode_many
 from tokray.data.splits import split_indices
 from tokray.data.tokenizer import load_tokenizer, require_can, to_unit
 from tokray.devices import local_device
 from tokray.eval.metrics import entropy_bits, psnr_db
-from tokray.runtime import setup_logging
 from tokray.storage.dataset import DatasetWriter, open_dataset
 from tokray.storage.formats.tokens import TokenMeta
 
@@ -60,10 +59,8 @@ def main() -> int:
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=0, help="images per batch (default: 500 at 32x32, 8 at 256x256)")
     p.add_argument("--smoke-test", action="store_true", help="64 images")
-    args = p.parse_args()
-    setup_logging()
-    if args.tokenizer is None:
-        args.tokenizer = default_tokenizer()
+    args = parse_args(p)
+    args.tokenizer = args.tokenizer or default_tokenizer()
     tokens = open_dataset(args.tokens) if args.tokens else None
     # checked first: a wrong pairing fails before any work; a pruned dataset gives the pruned view
     model, info = load_tokenizer(args.tokenizer, for_dataset=tokens)
@@ -112,8 +109,7 @@ def main() -> int:
            "tokenizer_kind": model.kind, "image_size": model.image_size, "grid": list(model.grid)}
     out["token_vs_jpeg"] = out["token_bytes_per_image"] / out["jpeg_bytes_per_image"]
     print_table([{k: v for k, v in out.items() if k not in ("grid_png", "tokenizer", "tokenizer_kind", "grid")}])
-    print_result(out)
-    return 0
+    return print_result(out)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokray.cli import print_result, print_table, run_main
-from tokray.runtime import setup_logging
+from tokray.cli import parse_args, print_result, print_table, run_main
 
 
 def main() -> int:
@@ -29,14 +28,12 @@ def main() -> int:
     p.add_argument("--tokenizer", help="the tokenizer the training tokens were made with (default: the run's "
                                        "tokenizer setting, else the embedded CIFAR-10 one; checked by fingerprint)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = p.parse_args()
-    setup_logging()
+    args = parse_args(p)
     from tokray.predict import export_model
 
     res = export_model(args.checkpoint, args.out, ema=args.ema, tokenizer=args.tokenizer or "", overwrite=args.overwrite)
     print_table([{k: res[k] for k in ("out", "model", "input", "classes", "weights", "step", "tokenizer", "bytes")}])
-    print_result(res)
-    return 0
+    return print_result(res)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokray.cli import print_result, print_table, run_main
-from tokray.runtime import setup_logging
+from tokray.cli import parse_args, print_result, print_table, run_main
 from tokray.train.launch import add_train_args, config_from_args, tracking_from_args
 
 
@@ -29,8 +28,7 @@ def main() -> int:
     p.add_argument("--eval-data", help="validation token dataset URI (default: the embedded CIFAR-10 validation split)")
     p.add_argument("--ema-decay", type=float, help="EMA decay of the weights (0 = off); its top-1 is reported too "
                                                    "(evaluate.py --ema and export.py --ema then use the EMA weights)")
-    args = p.parse_args()
-    setup_logging()
+    args = parse_args(p)
     from tokray.train.launch import fit, prepare
 
     extra = {"init": args.init, "eval_data": args.eval_data, "ema_decay": args.ema_decay}
@@ -45,9 +43,8 @@ def main() -> int:
            "loss": m.get("loss"), "val_top1": m.get("val_top1"), "val_top1_ema": m.get("val_top1_ema"),
            "samples_per_s": m.get("samples_per_s", 0.0)}
     print_table([{k: ("-" if v is None else v) for k, v in row.items()}])
-    print_result({**row, "total_steps": total, "val_samples": m.get("val_samples"), "checkpoint": ckpt,
-                  "out": cfg.out})
-    return 0
+    return print_result({**row, "total_steps": total, "val_samples": m.get("val_samples"), "checkpoint": ckpt,
+                         "out": cfg.out})
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokray.cli import print_result, print_table, run_main
-from tokray.runtime import setup_logging
+from tokray.cli import parse_args, print_result, print_table, run_main
 
 
 def main() -> int:
@@ -24,16 +23,14 @@ def main() -> int:
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--tokenizer", help="load this tokenizer instead of the folder's (checked by fingerprint)")
     p.add_argument("--batch-size", type=int, default=256)
-    args = p.parse_args()
-    setup_logging()
+    args = parse_args(p)
     from tokray.predict import load_model
 
     model = load_model(args.model, tokenizer=args.tokenizer or "")
     preds = model.predict(args.images, top_k=args.top_k, batch_size=args.batch_size)
     print_table([{"image": r["image"], "class": r["class"], "prob": r["prob"],
                   f"top-{len(r['top'])}": ", ".join(f"{t['class']} {t['prob']:.2f}" for t in r["top"])} for r in preds])
-    print_result({"model": model.dir, "images": len(preds), "predictions": preds})
-    return 0
+    return print_result({"model": model.dir, "images": len(preds), "predictions": preds})
 
 
 if __name__ == "__main__":

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 
-from tokray.cli import print_result, print_table, run_main
-from tokray.runtime import setup_logging
+from tokray.cli import parse_args, print_result, print_table, run_main
 from tokray.train.launch import add_train_args, config_from_args, tracking_from_args
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_train_args(p, task="mtm", default_recipe="cifar_mtm")
-    args = p.parse_args()
-    setup_logging()
+    args = parse_args(p)
     from tokray.train.launch import fit, prepare
 
     plan = prepare(config_from_args(args, task="mtm", smoke_recipe="smoke"), resume=args.resume,
@@ -36,9 +34,8 @@ def main() -> int:
     total = plan.steps[1]
     print_table([{"recipe": cfg.recipe, "steps": m.get("step"), "total": total, "loss": m.get("loss"),
                   "samples_per_s": m.get("samples_per_s", 0.0), "checkpoint": ckpt or "-"}])
-    print_result({"recipe": cfg.recipe, "step": m.get("step"), "total_steps": total, "loss": m.get("loss"),
-                  "samples_per_s": m.get("samples_per_s"), "checkpoint": ckpt, "out": cfg.out})
-    return 0
+    return print_result({"recipe": cfg.recipe, "step": m.get("step"), "total_steps": total, "loss": m.get("loss"),
+                         "samples_per_s": m.get("samples_per_s"), "checkpoint": ckpt, "out": cfg.out})
 
 
 if __name__ == "__main__":

@@ -21,8 +21,7 @@ import argparse
 import logging
 import os
 
-from tokray.cli import print_result, print_table, run_main
-from tokray.runtime import setup_logging
+from tokray.cli import parse_args, print_result, print_table, run_main
 
 log = logging.getLogger("tokray.jobs.sweep")
 
@@ -52,8 +51,7 @@ def main() -> int:
 
     add_override_args(p)  # the same --config / --set / --mlflow as pretrain.py and finetune.py, for every trial
     add_tracking_args(p)
-    args = p.parse_args()
-    setup_logging()
+    args = parse_args(p)
 
     import dataclasses
 
@@ -85,10 +83,9 @@ def main() -> int:
                         title=f"CIFAR-10 tokens vs pixels, {cfg.epochs:g} fine-tuning epochs")
     print_table(res["rows"], ["budget", "store_bytes", "pct_jpeg", "method", "top1", "top1_gaussian_noise",
                               "top1_gaussian_blur"])
-    print_result({"results_md": res["md"], "results_csv": res["csv"], "plot": res["png"], "trials": len(rows),
-                  "failed": sum(1 for r in rows if r.get("error")),
-                  "rows": [{k: r[k] for k in ("budget", "store_bytes", "method", "top1")} for r in res["rows"]]})
-    return 0
+    return print_result({"results_md": res["md"], "results_csv": res["csv"], "plot": res["png"], "trials": len(rows),
+                         "failed": sum(1 for r in rows if r.get("error")),
+                         "rows": [{k: r[k] for k in ("budget", "store_bytes", "method", "top1")} for r in res["rows"]]})
 
 
 def _with_trial_overrides(cfg, args):

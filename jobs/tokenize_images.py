@@ -24,9 +24,8 @@ import argparse
 from tqdm import tqdm
 
 from tokray.assets import default_tokenizer
-from tokray.cli import print_result, print_table, run_main
+from tokray.cli import parse_args, print_result, print_table, run_main
 from tokray.data.tokenize import TokenizeJob, tokenize, tokenize_pruned
-from tokray.runtime import setup_logging
 
 
 def main() -> int:
@@ -53,10 +52,8 @@ def main() -> int:
                    "validation split into the training split's codes)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--smoke-test", action="store_true", help="the first 512 images only")
-    args = p.parse_args()
-    setup_logging()
-    if args.tokenizer is None:
-        args.tokenizer = default_tokenizer()
+    args = parse_args(p)
+    args.tokenizer = args.tokenizer or default_tokenizer()
     job = TokenizeJob(images=args.images, dst=args.dst, tokenizer=args.tokenizer, split=args.split,
                       val_per_class=args.val_per_class, shard_rows=args.shard_rows, batch_size=args.batch_size,
                       num_actors=args.actors, max_images=512 if args.smoke_test else args.max_images,
@@ -79,8 +76,7 @@ def main() -> int:
                   "token_bytes_per_image": res["store_bytes"] / max(1, res["num_samples"])}])
     for name in res["skipped"]:
         print(f"skipped (unreadable): {name}")
-    print_result({**res, "skipped_count": len(res["skipped"])})
-    return 0
+    return print_result({**res, "skipped_count": len(res["skipped"])})
 
 
 if __name__ == "__main__":

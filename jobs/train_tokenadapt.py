@@ -21,10 +21,9 @@ import argparse
 import dataclasses
 import json
 
-from tokray.cli import print_result, print_table, run_main
+from tokray.cli import parse_args, print_result, print_table, run_main
 from tokray.fit.common import add_fit_args, fit_fields
 from tokray.fit.tokenadapt import TokenAdaptConfig, train
-from tokray.runtime import setup_logging
 
 
 def main() -> int:
@@ -39,12 +38,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is "
                    "fastest on a CPU shared with other jobs")
     p.add_argument("--smoke-test", action="store_true", help="a few steps of a tiny model on a few images (seconds)")
-    args = p.parse_args()
-    setup_logging()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    args = parse_args(p)
     cfg = TokenAdaptConfig(**fit_fields(args), tokenizer=args.tokenizer, tokens=args.tokens,
                            eval_images=args.eval_images)
     if args.smoke_test:
@@ -55,8 +49,7 @@ def main() -> int:
     res = train(cfg, resume=not args.no_resume)
     rows = [{"view": k, **v, "ratio": v["tokenadapt"] / max(v["naive"], 1e-9)} for k, v in res["agreement"].items()]
     print_table(rows, ["view", "naive", "tokenadapt", "ratio"])
-    print_result({k: v for k, v in res.items() if k != "curve"})
-    return 0
+    return print_result({k: v for k, v in res.items() if k != "curve"})
 
 
 if __name__ == "__main__":

@@ -12,18 +12,16 @@ import argparse
 import dataclasses
 import json
 
-from tokray.cli import print_result, print_table, run_main
+from tokray.cli import parse_args, print_result, print_table, run_main
 from tokray.fit.common import add_fit_args, fit_fields
 from tokray.fit.tokenizer import TokenizerConfig, train
-from tokray.runtime import setup_logging
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fit_args(p, TokenizerConfig, out="runs/tokenizer", model_help="registered tokenizer variant")
     p.add_argument("--smoke-test", action="store_true", help="a few steps on a few images (seconds)")
-    args = p.parse_args()
-    setup_logging()
+    args = parse_args(p)
     cfg = TokenizerConfig(**fit_fields(args))
     if args.smoke_test:
         cfg = dataclasses.replace(cfg, steps=6, batch_size=16, eval_every=3, ckpt_every=3, max_images=256,
@@ -32,8 +30,7 @@ def main() -> int:
     print(json.dumps(dataclasses.asdict(cfg), indent=1))
     res = train(cfg, resume=not args.no_resume)
     print_table(res["curve"], ["step", "seconds", "psnr_db", "codes_used", "bits_per_token"])
-    print_result({k: v for k, v in res.items() if k != "curve"})
-    return 0
+    return print_result({k: v for k, v in res.items() if k != "curve"})
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Logging setup and joining Ray are process setup, used below the jobs too: ``tokr
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -13,6 +14,20 @@ from typing import Callable
 
 # FloatingPointError: a non-finite loss, reported with its step
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, KeyError, FloatingPointError)
+
+
+def parse_args(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse a job's flags and set the process up: logging (``--verbose`` if the job has it) and torch's CPU
+    threads (``--threads`` if the job has it; 0 = torch's default)."""
+    from tokray.runtime import setup_logging
+
+    args = p.parse_args()
+    setup_logging(getattr(args, "verbose", False))
+    if getattr(args, "threads", 0):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def run_main(main: Callable[[], int | None]) -> None:
@@ -65,7 +80,9 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def print_result(obj: dict) -> None:
-    """The job's last line: one JSON object with its figures."""
+def print_result(obj: dict) -> int:
+    """The job's last line: one JSON object with its figures. Returns 0, the job's exit code, so a job ends
+    with ``return print_result(...)``."""
     print(json.dumps(obj, sort_keys=True), flush=True)
+    return 0
 
