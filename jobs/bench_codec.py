@@ -48,7 +48,7 @@ def bench(name: str, shards: list[tuple[np.ndarray, np.ndarray, np.ndarray]], co
     fit_s = time.perf_counter() - t0
     model_bytes = len(model.to_bytes())
     t0 = time.perf_counter()
-    model._get_tables()
+    model.prepare()
     tables_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     coded = [encode_ids(s[0], model) for s in shards]

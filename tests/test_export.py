@@ -4,6 +4,8 @@ loads the exported weights strictly, pixel baselines export too, and the folder 
 
 import json
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,7 +75,8 @@ def test_export_then_predict_gives_evaluates_top1_on_raw_jpegs(ft_run, jpegs, tm
     config = read_config(str(tmp_path / "m"))
     assert config["class_names"] == list(CIFAR_CLASSES) and config["input"]["kind"] == "tokens"
     assert config["model"] == "token_vit_tiny" and config["model_args"]["grid"] == [8, 8]
-    assert config["tokenizer"]["file"] == "tokenizer.safetensors" and config["tokenizer"]["fingerprint"].startswith("43cd")
+    assert config["tokenizer"]["file"] == "tokenizer.safetensors"
+    assert config["tokenizer"]["fingerprint"].startswith("43cd")
     assert res_export["weights"] == "model" and res_export["step"] == 6
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".m.tmp")]  # nothing left of the temporary folder
 
@@ -180,3 +183,54 @@ def test_pixel_baseline_checkpoint_exports_and_predicts_like_evaluate(jpegs, tmp
     top1 = np.array([p["top"][0]["index"] for p in predict(str(tmp_path / "m"), files, device=torch.device("cpu"))])
     ev = evaluate_checkpoint(str(tmp_path / "ckpt"), images=str(jpegs), split="all", device=torch.device("cpu"))
     assert ev["top1"] == pytest.approx(100.0 * (top1 == labels).mean())
+
+
+def test_a_model_trained_on_pruned_tokens_exports_the_tokenizer_and_its_prune_map(jpegs, tmp_path, one_torch_thread,
+                                                                                   monkeypatch):
+    """Tokens pruned from the embedded tokenizer's ids (a checkpoint written here): the export copies the base
+    tokenizer and keeps the prune map, and predict encodes to the kept codes, as the pruned view does."""
+    from tokray.assets import default_tokenizer, default_tokens
+    from tokray.config import TrainConfig
+    from tokray.data.images import decode_image
+    from tokray.data.prune import prune_dataset
+    from tokray.data.spec import DataSpec
+    from tokray.data.tokenizer import load_tokenizer, to_unit
+    from tokray.predict import export_model, load_model
+    from tokray.storage.dataset import open_dataset
+    from tokray.train.tasks import make_task
+
+    pruned = str(tmp_path / "pruned")
+    prune_dataset(default_tokens("val"), pruned, tokenizer=default_tokenizer())
+    spec = DataSpec.from_manifest(open_dataset(pruned).manifest)
+    cfg = TrainConfig(recipe="pruned_test", task="classify", model="token_vit_tiny", data=pruned, num_workers=1,
+                      model_args={"embed_dim": 32, "depth": 1, "num_heads": 2})
+    torch.manual_seed(0)
+    model = make_task(cfg, spec, augment=False).build().eval()
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"model": model.state_dict(), "config": cfg.to_json(), "data": spec.to_json(), "step": 0},
+               tmp_path / "ckpt" / "state.pt")
+    export_model(tmp_path / "ckpt", tmp_path / "m")
+    tok = json.loads((tmp_path / "m" / "config.json").read_text())["tokenizer"]
+    assert tok["file"] == "tokenizer.safetensors" and tok["fingerprint"] == spec.tokenizer
+    assert tok["prune"]["base_tokenizer"].startswith("43cd") and len(tok["prune"]["keep"]) == spec.codebook_size
+    exported = load_model(str(tmp_path / "m"), device=torch.device("cpu"))
+    assert exported.tokenizer.fingerprint == spec.tokenizer
+    files, _ = _files(jpegs)
+    view, _ = load_tokenizer(default_tokenizer(), for_dataset=pruned)
+    pixels = np.stack([decode_image(Path(f).read_bytes(), 32) for f in files])
+    with torch.no_grad():
+        want = torch.softmax(model(view.encode(to_unit(pixels))), -1)
+    got = exported.predict(files, top_k=1)
+    assert [p["top"][0]["index"] for p in got] == want.argmax(-1).tolist()
+
+    # no tokenizer found at export: the fingerprint and the data's prune map are recorded, predict --tokenizer BASE
+    monkeypatch.setattr("tokray.assets.default_tokenizer", lambda: str(tmp_path / "missing.safetensors"))
+    export_model(tmp_path / "ckpt", tmp_path / "bare")
+    rec = json.loads((tmp_path / "bare" / "config.json").read_text())["tokenizer"]
+    assert rec["file"] is None and rec["prune"] == tok["prune"]
+    assert not (tmp_path / "bare" / "tokenizer.safetensors").exists()
+    with pytest.raises(ValueError, match=re.escape(f"exported without its tokenizer (fingerprint {spec.tokenizer})")):
+        load_model(str(tmp_path / "bare"))
+    again = load_model(str(tmp_path / "bare"), tokenizer=str(tmp_path / "m" / "tokenizer.safetensors"),
+                       device=torch.device("cpu"))
+    assert [p["top"][0]["index"] for p in again.predict(files, top_k=1)] == want.argmax(-1).tolist()

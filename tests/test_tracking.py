@@ -9,17 +9,22 @@ import pytest
 
 @pytest.fixture(scope="module")
 def tracked_run(ray_session, tmp_path_factory):
+    """A smoke fine-tune with --set overrides and --mlflow file://... (MLflow 3 keeps file stores behind
+    MLFLOW_ALLOW_FILE_STORE; the driver's setting reaches the worker)."""
     from tokray.train.launch import add_train_args, config_from_args, fit, prepare, tracking_from_args
 
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     root = tmp_path_factory.mktemp("tracking")
     p = argparse.ArgumentParser()
     add_train_args(p, task="classify", default_recipe="cifar_ft")
-    args = p.parse_args(["--smoke-test", "--out", str(root / "run"), "--set", "lr=2e-3", "--set", "augment.flip_prob=0.5",
-                         "--mlflow", f"file://{root / 'mlruns'}"])
+    args = p.parse_args(["--smoke-test", "--out", str(root / "run"), "--set", "lr=2e-3",
+                         "--set", "augment.flip_prob=0.5", "--mlflow", f"file://{root / 'mlruns'}"])
     tracking = tracking_from_args(args)
     result = fit(prepare(config_from_args(args, task="classify", smoke_recipe="smoke_ft"), resume=False),
                  tracking=tracking)
-    return root, tracking, result
+    yield root, tracking, result
+    mp.undo()
 
 
 def test_mlflow_run_has_the_config_as_params_and_the_reported_metrics(tracked_run):
@@ -54,12 +59,19 @@ def test_ray_data_progress_bars_are_off_for_training(tracked_run):
     assert ray.data.DataContext.get_current().enable_progress_bars is False
 
 
-def test_no_tracking_without_flags(monkeypatch):
+def test_tracking_flags(monkeypatch, tmp_path):
     from tokray.train.launch import add_train_args, tracking_from_args
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
     p = argparse.ArgumentParser()
     add_train_args(p, task="mtm", default_recipe="cifar_mtm")
     assert tracking_from_args(p.parse_args([])) is None
-    t = tracking_from_args(p.parse_args(["--mlflow", "mlruns"]))  # a path becomes an absolute file:// URI
-    assert t.mlflow_uri.startswith("file:///") and t.mlflow_uri.endswith("/mlruns") and not t.wandb
+    # a path is MLflow's file store (an absolute file:// URI), refused on the driver, in one line, unless allowed
+    with pytest.raises(ValueError, match=r"--mlflow file:///.*/mlruns: cannot open the tracking store .*"
+                                         r"MLFLOW_ALLOW_FILE_STORE=true"):
+        tracking_from_args(p.parse_args(["--mlflow", "mlruns"]))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    t = tracking_from_args(p.parse_args(["--mlflow", "mlruns"]))
+    assert t.mlflow_uri == f"file://{tmp_path / 'mlruns'}" and t.mlflow_allow_file_store and not t.wandb

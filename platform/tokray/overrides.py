@@ -110,8 +110,8 @@ def apply_overrides(cfg: TrainConfig, overrides: list[tuple[str, object, str]]) 
             top[key] = _coerce(key, value, top_types[key], getattr(cfg, key), where)
         else:
             names = [n for n in top_types if n not in NESTED]
-            raise ValueError(_unknown(key, valid_keys(), "valid fields", names + ["augment.<field>", "model_args.<key>"],
-                                      where))
+            raise ValueError(_unknown(key, valid_keys(), "valid fields",
+                                      names + ["augment.<field>", "model_args.<key>"], where))
     if aug:
         top["augment"] = dataclasses.replace(cfg.augment, **aug)  # validates the augmentation once, as a whole
     if margs:
@@ -160,7 +160,9 @@ def _coerce(key: str, value, typ, default, where: str):
                 value = int(value)
             except ValueError:
                 pass
-        return value if isinstance(value, int) and not isinstance(value, bool) else _bad(key, "an integer", value, where)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        return _bad(key, "an integer", value, where)
     if typ is float:
         return _number(key, value, where)
     if typ is tuple:

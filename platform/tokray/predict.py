@@ -179,9 +179,32 @@ def _export_tokenizer(spec, cfg, given: str, tmp: str) -> dict:
             log.info("tokenizer %s (%s) is referenced, not copied: predict loads it from there", record["reference"],
                      tok.kind)
         return record
-    log.warning("no tokenizer given or found with fingerprint %s (tried %s): the export records the fingerprint only; "
-                "predict then needs --tokenizer", want, ", ".join(candidates) or "none")
-    return {"fingerprint": want, "kind": None, "reference": None, "file": None}
+    return _tokenizer_reference(want, cfg.data or default_tokens("train"), candidates)
+
+
+def _tokenizer_reference(want: str, data_uri: str, tried: list[str]) -> dict:
+    """No tokenizer at hand with the checkpoint data's fingerprint: record what the training data says (its
+    prune map, so predict --tokenizer BASE rebuilds the view; a SeiT import's codebook), and the fingerprint."""
+    from tokray.data.seit_import import CODEBOOK_FILE
+    from tokray.data.tokenizer import read_prune_map
+    from tokray.storage.dataset import open_dataset
+
+    record = {"fingerprint": want, "kind": None, "reference": None, "file": None}
+    try:
+        ds = open_dataset(data_uri)
+        pm = read_prune_map(ds)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        ds = pm = None
+        log.info("training data %s not readable (%s)", data_uri, str(e).splitlines()[0])
+    if pm is not None:
+        record["prune"] = {"base_tokenizer": pm["base_tokenizer"], "keep": [int(k) for k in pm["keep"]]}
+    elif ds is not None and CODEBOOK_FILE in ds.manifest.files:  # a SeiT import: only the codebook exists here
+        record.update(kind="codebook", reference=f"codebook:{ds.uri}")
+    base = f" (or the base tokenizer {pm['base_tokenizer']} of its prune map)" if pm else ""
+    log.warning("no tokenizer with fingerprint %s found (tried %s): the export records the fingerprint only; pass "
+                "export --tokenizer (the tokenizer the training tokens were made with%s), or predict --tokenizer",
+                want, ", ".join(tried) or "none", base)
+    return record
 
 
 # -- predict -----------------------------------------------------------------------------------------
@@ -218,7 +241,7 @@ class ExportedModel:
                              f"with the tokenizer its training tokens were made with")
         tok, _ = load_tokenizer(spec)
         prune = rec.get("prune")
-        if prune and tok.fingerprint == prune["base_tokenizer"]:
+        if prune and tok.fingerprint == prune["base_tokenizer"]:  # the training tokens' view of the base tokenizer
             tok = PrunedTokenizer(tok, prune["keep"])
         if tok.fingerprint != want:
             raise ValueError(f"{self.dir} was trained on tokens of tokenizer {want}, but {spec} is tokenizer "

@@ -56,8 +56,9 @@ def add_override_args(p: argparse.ArgumentParser) -> None:
 
 def add_tracking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlflow", metavar="URI",
-                   help="also log params (the config) and metrics to MLflow at this tracking URI (file:///abs/mlruns, "
-                        "http://host:5000), through Ray's setup_mlflow; experiment $MLFLOW_EXPERIMENT_NAME or 'tokray'. "
+                   help="also log params (the config) and metrics to MLflow at this tracking URI "
+                        "(sqlite:////abs/mlflow.db, http://host:5000; file:///abs/mlruns with "
+                        "MLFLOW_ALLOW_FILE_STORE=true), through Ray's setup_mlflow; experiment $MLFLOW_EXPERIMENT_NAME or 'tokray'. "
                         "W&B: set WANDB_API_KEY (project $WANDB_PROJECT or 'tokray')")
 
 
@@ -68,7 +69,8 @@ def config_from_args(args: argparse.Namespace, task: str, smoke_recipe: str, ext
 
     flags = {"model": args.model, "data": args.data, "epochs": args.epochs, "max_steps": args.max_steps,
              "batch_size": args.batch_size, "lr": args.lr, "num_workers": args.num_workers, "out": args.out,
-             "ckpt_every": args.ckpt_every, "max_failures": args.max_failures, "trace_batches": args.trace_batches or None,
+             "ckpt_every": args.ckpt_every, "max_failures": args.max_failures,
+             "trace_batches": args.trace_batches or None,
              "use_gpu": args.gpu or None, **(extra or {})}
     overrides = [o for path in getattr(args, "config_files", None) or () for o in load_config_file(path)]
     overrides += [(k, v, "flags") for k, v in flags.items() if v is not None]
@@ -97,6 +99,7 @@ def tracking_from_args(args: argparse.Namespace):
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "tokray"
     return Tracking(mlflow_uri=mlflow_uri, mlflow_experiment=experiment,
                     mlflow_experiment_id=_mlflow_experiment(mlflow_uri, experiment) if mlflow_uri else "",
+                    mlflow_allow_file_store=os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"),
                     wandb=wandb, wandb_project=os.environ.get("WANDB_PROJECT") or "tokray")
 
 

@@ -35,6 +35,7 @@ class Tracking:
     mlflow_uri: str = ""  # MLflow tracking URI ("" = off)
     mlflow_experiment: str = "tokray"
     mlflow_experiment_id: str = ""  # made (or found) by the driver, so workers never race to create it
+    mlflow_allow_file_store: bool = False  # the driver's MLFLOW_ALLOW_FILE_STORE (MLflow 3: file stores are opt-in)
     wandb: bool = False  # W&B (the worker reads WANDB_API_KEY from its environment)
     wandb_project: str = "tokray"
 
@@ -64,6 +65,8 @@ class _Trackers:
         if tracking.mlflow_uri:
             from ray.air.integrations.mlflow import setup_mlflow
 
+            if tracking.mlflow_allow_file_store:  # what the driver allowed when it opened the store
+                os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
             self.mlflow = setup_mlflow(params, tracking_uri=tracking.mlflow_uri, run_name=name, tags=tags,
                                        experiment_id=tracking.mlflow_experiment_id or None,
                                        experiment_name=tracking.mlflow_experiment, create_experiment_if_not_exists=True)
