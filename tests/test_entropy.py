@@ -60,6 +60,15 @@ def test_ids_the_model_never_saw(rng):
         roundtrip(np.full((9, 8, 8), 511, np.uint16), model)
 
 
+def test_predictable_ids(rng):
+    ids = np.zeros((400, 8, 8), np.uint16)  # one id nearly everywhere: frequencies past half the total
+    ids[rng.random(ids.shape) < 0.02] = 511
+    model = fit_context_model(ids, 512)
+    data = roundtrip(ids, model)
+    assert len(data) * 8 < 0.25 * ids.size
+    roundtrip(rng.integers(0, 512, (20, 8, 8)).astype(np.uint16), model)
+
+
 @pytest.mark.parametrize("grid,k", [((1, 1), 2), ((1, 7), 3), ((5, 1), 1000), ((3, 5), 512), ((2, 2), 65536)])
 def test_odd_grids_and_codebooks(rng, grid, k):
     ids = rng.integers(0, k, (257,) + grid).astype(np.uint16)

@@ -18,9 +18,10 @@ gets a small model (down to order-0).
 Tables. From the integers, encoder and decoder build identical coding tables with integer
 arithmetic only (an exp2 table, no float exp/log that could round differently elsewhere): per
 context, frequencies summing to ``2**scale_bits`` with every id >= 1 (ids never seen when fitting
-still code), and a decode table per (context, slot). For codebooks up to 2**9 ids one uint32 per
-slot holds id, frequency and offset (one lookup per token; 16 KiB per context, 32 MiB for 2048
-contexts); larger codebooks use a uint16 id per slot plus a (frequency, start) word per id.
+still code), and a decode table per (context, slot). For codebooks up to 2**9 ids whose
+frequencies all stay below half the total, one uint32 per slot holds id, frequency and offset (one
+lookup per token; 16 KiB per context, 32 MiB for 2048 contexts); otherwise a uint16 id per slot
+plus a (frequency, start) word per (context, id).
 
 Coder. rANS, state in [2**31, 2**63) (int64), 32-bit words, one renormalisation per pair of
 positions. A shard's samples are dealt to ``L`` lanes (sample s to lane s % L, ``L`` <= 512), each
@@ -416,8 +417,8 @@ def _sources(grid: tuple[int, int], features) -> list[list[int | None]]:
 
 def default_lanes(n: int, tokens_per_sample: int) -> int:
     """Lanes for a shard of n samples: wide enough for numpy to pay off, few enough that final
-    states (about 8 bits each) stay cheap."""
-    return max(1, min(n, MAX_LANES))
+    states (about 8 bits each) stay cheap; at least 16 samples per lane."""
+    return max(1, min(n // 16, MAX_LANES))
 
 
 def _pack_states(x: np.ndarray) -> bytes:
@@ -840,6 +841,12 @@ def fit_context_model(ids: np.ndarray, codebook_size: int, *,
             cost = bits / 8 + len(model.to_bytes())
             if cand_best is None or cost < cand_best[0]:
                 cand_best = (cost, model)
+        m = cand_best[1]  # very predictable ids: finer frequencies (16 bits) if they save 1% or more
+        if m.scale_bits < 16 and _table_bytes(nctx, k, 16, packed=False) <= max_table_bytes:
+            fine = ContextModel(k, m.features, m.groups, m.num_groups, m.bias, m.weights, m.steps, scale_bits=16)
+            cost = float((ncon * (16 - np.log2(fine.frequencies()))).sum()) / 8 + len(fine.to_bytes())
+            if cost < 0.99 * cand_best[0]:
+                cand_best = (cost, fine)
         if cand_best[0] < best_cost:
             best_cost, best = cand_best
         elif ladder:

@@ -35,6 +35,9 @@ class SweepConfig:
     corruption_severity: int = 3
     eval_limit: int = 0  # > 0: corrupted-val evaluation on the first N images only
     seed: int = 0
+    # --config/--set of jobs/sweep.py: (key, value, where) applied to every token fine-tuning trial's recipe
+    overrides: tuple = ()
+    mlflow: str = ""  # --mlflow: every trial logs its params and metrics there
 
     def __post_init__(self):
         from tokray.storage.budget import Budget

@@ -29,7 +29,7 @@ def run_phase(name: str, trials: list[dict], sweep, use_asha: bool = False) -> l
     # (1 CPU), so `concurrent` trials fit `concurrent` CPUs
     trainable = tune.with_resources(tune.with_parameters(_indexed_trial, trials=trials, sweep=dataclasses.asdict(sweep)),
                                     tune.PlacementGroupFactory([{"CPU": 0, "memory": 256 * 2**20}]))
-    _pin_plan(storage, name, trials)
+    _pin_plan(storage, name, trials, sweep.overrides)
     if tune.Tuner.can_restore(path):
         log.info("%s: restoring the Tune experiment at %s (finished trials are kept)", name, path)
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
@@ -53,13 +53,14 @@ def run_phase(name: str, trials: list[dict], sweep, use_asha: bool = False) -> l
     return sorted(rows, key=lambda r: r["out"])
 
 
-def _pin_plan(storage: str, name: str, trials: list[dict]) -> None:
+def _pin_plan(storage: str, name: str, trials: list[dict], overrides: tuple = ()) -> None:
     """Tune restores trials by index into this list: a rerun with other settings must not reuse the state."""
     import json
 
     os.makedirs(storage, exist_ok=True)
     path = os.path.join(storage, f"{name}.plan.json")
-    plan = json.dumps(trials, sort_keys=True, indent=1, default=str)
+    pinned = {"trials": trials, "overrides": [list(o) for o in overrides]} if overrides else trials
+    plan = json.dumps(pinned, sort_keys=True, indent=1, default=str)
     if os.path.exists(path):
         with open(path) as f:
             if f.read() != plan:

@@ -16,20 +16,28 @@ def run_trial(params: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    import argparse
+    import dataclasses
+
+    from tokray.overrides import apply_overrides
     from tokray.recipes import get_recipe
     from tokray.runtime import setup_logging
     from tokray.sweep.plan import SweepConfig, run_overrides
-    from tokray.train.launch import fit, prepare
+    from tokray.train.launch import fit, prepare, tracking_from_args
 
     setup_logging()
     sweep = SweepConfig(**params["sweep"])
-    plan = prepare(get_recipe(params["recipe"], **run_overrides(sweep, params)), resume=True)
+    recipe = get_recipe(params["recipe"])
+    if sweep.overrides and params.get("kind") == "tokens":  # the swept recipes, not MTM or the pixel baselines
+        recipe = apply_overrides(recipe, [tuple(o) for o in sweep.overrides])
+    plan = prepare(dataclasses.replace(recipe, **run_overrides(sweep, params)), resume=True)
     cfg = plan.config
     metrics = _finished_metrics(plan)
     if metrics is not None:
         log.info("%s already finished; reporting its result", cfg.out)
     else:
-        result = fit(plan, callbacks=[TuneReportCallback()])
+        tracking = tracking_from_args(argparse.Namespace(mlflow=sweep.mlflow)) if sweep.mlflow else None
+        result = fit(plan, callbacks=[TuneReportCallback()], tracking=tracking)
         metrics = dict(result.metrics or {})
     final = {k: metrics.get(k) for k in ("step", "epoch", "loss", "val_top1", "samples_per_s")}
     if cfg.task == "classify" and sweep.images:
