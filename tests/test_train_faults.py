@@ -67,11 +67,23 @@ def test_seeds_never_collide_across_epochs_and_ranks():
     assert derive_seed(0, "shuffle", 0, 1) != derive_seed(0, "masks", 0, 1) != derive_seed(1, "shuffle", 0, 1)
 
 
-def test_a_corrupt_shard_stops_training_with_one_line_naming_it(tmp_path):
+def _edit_codebook_size(path):
+    import json
+
+    m = json.loads((path / "manifest.json").read_text())
+    m["codebook_size"] = 100  # the ids go up to 511
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage, needles", [
+    (lambda p: flip_byte(p / "shard-00002.parquet", 100), ["shard 'shard-00002.parquet'", "jobs/dataset.py verify"]),
+    (_edit_codebook_size, ["outside the codebook", "re-create or re-copy"]),
+], ids=["corrupt shard", "edited codebook_size"])
+def test_damaged_data_stops_training_with_one_line_naming_it(damage, needles, tmp_path):
     write_synth(str(tmp_path / "ds"), samples=1200, shard_rows=300)
-    flip_byte(tmp_path / "ds" / "shard-00002.parquet", 100)
+    damage(tmp_path / "ds")
     out = run_job("jobs/pretrain.py", "--smoke-test", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run"),
                   timeout=600)
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
     assert out.returncode == 2 and len(errors) == 1, out.stderr[-3000:]
-    assert "shard 'shard-00002.parquet'" in errors[0] and "jobs/dataset.py verify" in errors[0]
+    assert all(n in errors[0] for n in needles), errors[0]

@@ -237,7 +237,8 @@ def root_cause(e: BaseException) -> BaseException:
     """The first error of ours (or a user error) inside Ray's wrappers (RayTaskError, UserCodeException)."""
     from tokray.storage.stores import ShardChecksumError, StoreUnavailableError, StoreWriteError
 
-    ours = (ShardChecksumError, StoreUnavailableError, StoreWriteError, FileNotFoundError)
+    # ValueError: e.g. a shard that does not match its manifest (an edited codebook_size or grid)
+    ours = (ShardChecksumError, StoreUnavailableError, StoreWriteError, FileNotFoundError, ValueError)
     seen, todo = set(), [e]
     while todo:
         err = todo.pop(0)
