@@ -276,3 +276,71 @@ def test_errors_cross_process_boundaries_intact():
               StoreWriteError("cannot write x"), WriterLockedError("another writer")):
         back = pickle.loads(pickle.dumps(e))
         assert type(back) is type(e) and str(back) == str(e)
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the S3 endpoint that cuts the first ``cuts`` responses after ``after`` bytes."""
+
+    def __init__(self, upstream_port: int, cuts: int, after: int):
+        self.upstream, self.cuts, self.after = upstream_port, cuts, after
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(32)
+        self.port = self.srv.getsockname()[1]
+        self.cut = 0
+        self.stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        self.srv.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                client, _ = self.srv.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        up = socket.create_connection(("127.0.0.1", self.upstream))
+        cut_this = self.cut < self.cuts
+        self.cut += cut_this
+
+        def pump(src, dst, limit):
+            sent = 0
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    if limit is not None and sent + len(data) > limit:
+                        dst.sendall(data[: limit - sent])
+                        break
+                    dst.sendall(data)
+                    sent += len(data)
+            except OSError:
+                pass
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=pump, args=(client, up, None), daemon=True).start()
+        pump(up, client, self.after if cut_this else None)
+
+    def close(self):
+        self.stop.set()
+        self.srv.close()
+
+
+@pytest.mark.parametrize("after", [100, 700, 20000], ids=["in the headers", "in a small body", "in a shard"])
+def test_a_connection_cut_mid_read_is_retried(after, s3_server, s3_bucket):
+    uri = f"s3://{s3_bucket}/ds"
+    write_synth(uri, samples=1200, shard_rows=400)
+    proxy = CuttingProxy(s3_server.port, cuts=2, after=after)  # the first two responses end early
+    try:
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "TOKRAY_CACHE_BYTES": "0"}
+        out = run_job("jobs/dataset.py", "-q", "verify", uri, env=env, timeout=120)
+    finally:
+        proxy.close()
+    assert proxy.cut == 2 and out.returncode == 0 and "OK: 3/3" in out.stdout, out.stdout + out.stderr[-1500:]

@@ -14,6 +14,8 @@ from tokray.storage.stores import FileStore, ShardChecksumError, StoreUnavailabl
 from tokray.storage.uri import StoreURI
 
 LOCK_NAME = "_writer.lock"
+# what aiohttp/botocore raise for a response body that ended early
+_CUT_BODY = {"ClientPayloadError", "IncompleteRead", "ContentLengthError", "ResponseStreamingError"}
 
 
 class S3Store(FileStore):
@@ -85,7 +87,18 @@ class S3Store(FileStore):
                 f"(e.g. `aws s3 mb s3://{self.uri.bucket}`) or fix the URI {self.uri}") from None
 
     def _get(self, name):
-        return self._call(f"GET {name}", self.fs.cat_file, self._key(name))
+        return self._call(f"GET {name}", self._read_whole, self._key(name))
+
+    def _read_whole(self, key: str) -> bytes:
+        """One object; read again when the connection was cut inside its body (botocore retries a request only
+        until its headers arrive). A dead endpoint still fails within the timeouts: this retries cut bodies only."""
+        for attempt in range(3):
+            try:
+                return self.fs.cat_file(key)
+            except Exception as e:
+                if attempt == 2 or type(e).__name__ not in _CUT_BODY:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def _put(self, name, data):
         self._call(f"PUT {name}", self.fs.pipe_file, self._key(name), data)
