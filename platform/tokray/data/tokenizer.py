@@ -182,13 +182,13 @@ class Tokenizer(abc.ABC):
     # -- what implementations provide --------------------------------------------------------------
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise TokenizerUnavailable(self._unavailable("encode"))
 
     def _lookup(self, z: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+        raise TokenizerUnavailable(self._unavailable("encode"))
 
     def _decode(self, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise TokenizerUnavailable(self._unavailable("decode"))
 
     def _move(self, device: torch.device) -> None:
         pass
@@ -225,7 +225,18 @@ class Tokenizer(abc.ABC):
 # -- tokray's conv VQ ---------------------------------------------------------------------------
 
 
-class TokrayVQ(Tokenizer):
+class _NetworkTokenizer(Tokenizer):
+    """A tokenizer around one nn.Module (``self.module``): its size and device are the module's."""
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def _move(self, device):
+        self.module.to(device)
+
+
+class TokrayVQ(_NetworkTokenizer):
     """tokray's conv VQ (``models/tokenizer.py``): cosine nearest code, one safetensors artifact."""
 
     kind = "tokray"
@@ -237,13 +248,6 @@ class TokrayVQ(Tokenizer):
     @property
     def codebook(self) -> torch.Tensor:
         return self.module.quantizer.codebook
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
-
-    def _move(self, device):
-        self.module.to(device)
 
     def _features(self, x):
         return self.module.encoder(x)
@@ -281,7 +285,7 @@ def _load_tokray(path: str) -> TokrayVQ:
 # -- diffusers VQModel --------------------------------------------------------------------------
 
 
-class DiffusersVQ(Tokenizer):
+class DiffusersVQ(_NetworkTokenizer):
     """A diffusers ``VQModel``: ``encode(x).latents`` (after quant_conv), the nearest code by L2 distance
     (VectorQuantizer's rule), decode of the code vectors without re-quantizing."""
 
@@ -297,13 +301,6 @@ class DiffusersVQ(Tokenizer):
     @property
     def codebook(self) -> torch.Tensor:
         return self.module.quantize.embedding.weight.detach()
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
-
-    def _move(self, device):
-        self.module.to(device)
 
     def _features(self, x):
         return self.module.encode(x).latents
