@@ -66,8 +66,8 @@ def bench(spec: str, batches: int, batch_size: int, dtype: str, device=None) -> 
     s = tok.image_size
     pixels = [rng.integers(0, 256, (batch_size, s, s, 3), dtype=np.uint8) for _ in range(batches + 1)]
     tok.encode_pixels(pixels[0])  # warm-up: allocator, kernels
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
     times = []
     cpu0 = time.process_time()
     for p in pixels[1:]:
