@@ -114,11 +114,11 @@ class Dataset:
     def verify(self, on_shard=None) -> list[str]:
         """Check every shard; return one line per problem (empty when the dataset is intact)."""
         problems = []
-        for info in self.manifest.shards:
+        for i, info in enumerate(self.manifest.shards):
             if on_shard:
                 on_shard()
             try:
-                self.read_shard(self.manifest.shards.index(info))
+                self.read_shard(i)
             except ShardChecksumError as e:
                 problems.append(f"{info.path}: sha256 mismatch ({e})")
             except FileNotFoundError:

@@ -190,9 +190,10 @@ class FileStore(Store):
         """After a commit: delete the objects the manifest does not name (an older generation, stale temps)."""
         keep = {s.path for s in manifest.shards} | {f.get("path", n) for n, f in manifest.files.items()}
         keep |= {MANIFEST_NAME, PROGRESS_NAME}
+        side = self._side_file_names()  # read once, not per listed object
         for name in self._list_all():
             if name not in keep and (name.endswith(".parquet") or name.startswith("g-") or ".tmp-" in name
-                                     or name in self._side_file_names()):
+                                     or name in side):
                 self._delete(name)
 
     @abc.abstractmethod
