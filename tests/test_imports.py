@@ -18,7 +18,7 @@ MODELS = ROOT / "models"
 # lowest first; a module may import only from strictly lower ranks, or from its own folder at its rank
 RANKS = {
     "models": 0, "tokray": 0, "tokray.config": 0, "tokray.recipes": 0, "tokray.artifacts": 0,
-    "tokray.devices": 0, "tokray.assets": 0, "tokray.runtime": 0, "tokray.overrides": 0,
+    "tokray.devices": 0, "tokray.assets": 0, "tokray.runtime": 0, "tokray.overrides": 0, "tokray.seeds": 0,
     "tokray.storage": 1,
     "tokray.data": 2, "tokray.augment": 2,
     "tokray.train": 3,

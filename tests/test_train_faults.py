@@ -8,7 +8,7 @@ import pytest
 from conftest import flip_byte, run_job, write_synth
 from tokray.recipes import get_recipe
 from tokray.train.launch import prepare
-from tokray.train.seeds import derive_seed
+from tokray.seeds import derive_seed
 
 
 def _fake_checkpoint(out):

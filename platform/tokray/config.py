@@ -11,6 +11,7 @@ import math
 import json
 
 TASKS = ("mtm", "classify")
+INGEST_MODES = ("auto", "stream", "materialize")  # tokray.data.ingest
 # AugmentConfig.num_classes in a recipe: the classes of the dataset the run trains on, set by its task
 CLASSES_FROM_DATA = -1
 
@@ -131,9 +132,13 @@ class TrainConfig:
     pretrain: str = ""  # classify: the MTM recipe whose checkpoint --init must come from ("" = none needed)
     num_workers: int = 2
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu: a fraction packs several runs (sweep trials) on one GPU
     amp: bool = True  # bf16 autocast, on GPU only
     grad_accum: int = 1
-    shuffle_buffer: int = 4096
+    cpus_per_worker: float = 1.0  # CPUs each Ray Train worker reserves (fractions pack several on a core)
+    ingest: str = "auto"  # stream | materialize | auto (materialize when the set fits materialize_fraction)
+    materialize_fraction: float = 0.25  # auto: the share of the cluster's object store a materialized set may use
+    shuffle_window: int = 262_144  # samples shuffled together (whole shards; all of a smaller set)
     ckpt_every: int = 200
     log_every: int = 20
     max_failures: int = 2
@@ -144,12 +149,20 @@ class TrainConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
-        for name in ("batch_size", "num_workers", "grad_accum", "ckpt_every", "log_every"):
+        for name in ("batch_size", "num_workers", "grad_accum", "ckpt_every", "log_every", "shuffle_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"config field {name} must be positive, got {getattr(self, name)}")
         if self.batch_size % (self.num_workers * self.grad_accum):
             raise ValueError(f"batch_size {self.batch_size} must divide evenly over num_workers {self.num_workers} "
                              f"x grad_accum {self.grad_accum}")
+        if self.ingest not in INGEST_MODES:
+            raise ValueError(f"ingest {self.ingest!r}: choose one of {', '.join(INGEST_MODES)}")
+        if not 0 < self.materialize_fraction <= 1:
+            raise ValueError(f"materialize_fraction must be in (0, 1], got {self.materialize_fraction}")
+        if not self.gpus_per_worker > 0 or (self.gpus_per_worker > 1 and not float(self.gpus_per_worker).is_integer()):
+            raise ValueError(f"gpus_per_worker must be a fraction in (0, 1] or a whole number, got {self.gpus_per_worker}")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
         if not math.isfinite(self.epochs) or self.epochs < 0:
             raise ValueError(f"epochs must be a finite number >= 0, got {self.epochs}")
         if self.max_steps < 0:
@@ -183,6 +196,7 @@ class TrainConfig:
     def from_json(cls, text: str) -> "TrainConfig":
         d = json.loads(text)
         d["betas"] = tuple(d["betas"])
+        d.pop("shuffle_buffer", None)  # configs before the global sample order (tokray.data.order)
         # configs written before augment was typed hold only the fields they set, and no num_classes
         d["augment"] = AugmentConfig(**{"num_classes": CLASSES_FROM_DATA, **(d.get("augment") or {})})
         return cls(**d)

@@ -59,7 +59,7 @@ def smoke() -> TrainConfig:
     return TrainConfig(recipe="smoke", model="mtm_tiny",
                        model_args={**_SMOKE_WIDTH, "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2},
                        max_steps=6, batch_size=32, warmup_steps=2, num_workers=2, ckpt_every=3, log_every=2,
-                       shuffle_buffer=0, max_failures=0, out="runs/smoke")
+                       max_failures=0, out="runs/smoke")
 
 
 @recipe
@@ -68,7 +68,7 @@ def smoke_ft() -> TrainConfig:
     return TrainConfig(recipe="smoke_ft", task="classify", model="token_vit_tiny",
                        model_args={**_SMOKE_WIDTH, "drop_path_rate": 0.1}, max_steps=6, epochs=0.0, batch_size=32,
                        warmup_steps=2, layer_decay=0.75, cutmix=1.0, mixup=0.8, label_smoothing=0.1, ema_decay=0.9,
-                       num_workers=2, ckpt_every=3, log_every=2, shuffle_buffer=0, max_failures=0,
+                       num_workers=2, ckpt_every=3, log_every=2, max_failures=0,
                        out="runs/smoke_ft")
 
 

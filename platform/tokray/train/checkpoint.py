@@ -23,9 +23,9 @@ from tokray.data.spec import DataSpec
 STATE_FILE = "state.pt"
 
 
-def save_and_report(model, opt, ema, step: int, plan, metrics: dict, rank: int) -> None:
-    """``ray.train.report`` of ``metrics`` with a checkpoint of this step (written by rank 0 only: the
-    state is replicated)."""
+def save_and_report(model, opt, ema, step: int, position, plan, metrics: dict, rank: int) -> None:
+    """``ray.train.report`` of ``metrics`` with a checkpoint of this step and data position (a
+    tokray.train.plan.DataPosition), written by rank 0 only: the state is replicated."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
@@ -33,7 +33,7 @@ def save_and_report(model, opt, ema, step: int, plan, metrics: dict, rank: int) 
         if rank == 0:
             config = plan.config.to_json()
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "config": config,
-                     "data": plan.data.to_json()}
+                     "data": plan.data.to_json(), "data_position": position.to_json()}
             if ema is not None:
                 state["ema"] = ema.module.state_dict()
             torch.save(state, os.path.join(d, STATE_FILE))
@@ -45,15 +45,18 @@ def save_and_report(model, opt, ema, step: int, plan, metrics: dict, rank: int) 
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def restore(checkpoint, model, opt, ema) -> int:
-    """Load a ``ray.train.Checkpoint`` into model, optimizer and EMA; returns its step."""
+def restore(checkpoint, model, opt, ema):
+    """Load a ``ray.train.Checkpoint`` into model, optimizer and EMA; returns (its step, its DataPosition or
+    None for checkpoints written before positions were stored)."""
+    from tokray.train.plan import DataPosition
+
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     if ema is not None and "ema" in state:
         ema.module.load_state_dict(state["ema"])
-    return int(state["step"])
+    return int(state["step"]), DataPosition.from_json(state.get("data_position"))
 
 
 def latest_checkpoint(run_dir: str) -> str | None:

@@ -29,6 +29,10 @@ def add_train_args(p: argparse.ArgumentParser, task: str, default_recipe: str) -
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--num-workers", type=int, help="Ray Train workers")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (bf16 autocast)")
+    p.add_argument("--ingest", choices=("auto", "stream", "materialize"),
+                   help="how workers read the training set: stream it from the store each epoch (bounded memory), "
+                        "materialize it once in Ray's object store, or auto (materialize when it fits "
+                        "materialize_fraction of the object store); the sample order is the same in both")
     p.add_argument("--out", help="run directory (default: the recipe's, runs/<recipe>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
@@ -70,7 +74,7 @@ def config_from_args(args: argparse.Namespace, task: str, smoke_recipe: str, ext
     flags = {"model": args.model, "data": args.data, "epochs": args.epochs, "max_steps": args.max_steps,
              "batch_size": args.batch_size, "lr": args.lr, "num_workers": args.num_workers, "out": args.out,
              "ckpt_every": args.ckpt_every, "max_failures": args.max_failures,
-             "trace_batches": args.trace_batches or None,
+             "trace_batches": args.trace_batches or None, "ingest": getattr(args, "ingest", None),
              "use_gpu": args.gpu or None, **(extra or {})}
     overrides = [o for path in getattr(args, "config_files", None) or () for o in load_config_file(path)]
     overrides += [(k, v, "flags") for k, v in flags.items() if v is not None]
@@ -252,16 +256,6 @@ def root_cause(e: BaseException) -> BaseException:
     return e
 
 
-def _data_config():
-    """Train split across workers (validation read whole by each); the same batches in the same order on every
-    pass, wherever the blocks live, so a restore that skips an epoch's first batches skips the right ones."""
-    import ray.train
-
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return ray.train.DataConfig(datasets_to_split=["train"], execution_options=options, enable_shard_locality=False)
-
-
 def fit(plan: RunPlan, callbacks: list | None = None, tracking=None):
     """Run the plan on a Ray Train TorchTrainer (``callbacks``: Ray Train user callbacks, e.g. Tune's report
     callback; ``tracking``: a ``tokray.train.loop.Tracking``, MLflow / W&B beside TensorBoard, logged by rank 0
@@ -271,6 +265,7 @@ def fit(plan: RunPlan, callbacks: list | None = None, tracking=None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from tokray.data.ingest import plan_ingest
     from tokray.runtime import init_ray
     from tokray.storage.raysource import read_ray_dataset
     from tokray.train.loop import train_loop_per_worker
@@ -284,22 +279,22 @@ def fit(plan: RunPlan, callbacks: list | None = None, tracking=None):
     # Ray Data's progress bars would interleave with the training log; the datasets (and the split coordinator
     # feeding the workers) carry this context
     ray.data.DataContext.get_current().enable_progress_bars = False
-    # training sets are small: read (and verify) once, then every epoch streams from the object store. Stores
-    # keep samples in source order (often sorted by class): one seeded global shuffle here, while the CPUs
-    # are free, and each epoch adds its own local shuffle; the order stays reproducible for --resume
+    # the training set: each rank reads its slice of the global sample order (tokray.data.ingest), streamed
+    # or from the object store; validation is read whole by every rank (each scores every world-th batch)
     try:
-        datasets = {"train": read_ray_dataset(plan.data_uri).random_shuffle(seed=cfg.seed).materialize()}
-        if plan.eval_data is not None:
-            datasets["val"] = read_ray_dataset(plan.eval_uri).materialize()
+        ingest = plan_ingest(plan.data_uri, cfg, os.path.join(cfg.out, "trace", "reads") if cfg.trace_batches else "")
+        datasets = {"val": read_ray_dataset(plan.eval_uri).materialize()} if plan.eval_data is not None else {}
     except Exception as e:  # a read task's error (e.g. a corrupt shard) as itself, not Ray's wrapped traceback
         raise root_cause(e) from None
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config={"plan": plan, "tracking": tracking},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        train_loop_per_worker, train_loop_config={"plan": plan, "ingest": ingest, "tracking": tracking},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=cfg.recipe, storage_path=os.path.join(cfg.out, "ray"), callbacks=callbacks,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-        datasets=datasets, dataset_config=_data_config())
+        datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split=[]))
     try:
         return trainer.fit()
     except ray.train.WorkerGroupError as e:

@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from tokray.train.plan import NonFiniteLoss, RunPlan
-from tokray.train.seeds import derive_seed
+from tokray.train.plan import DataPosition, NonFiniteLoss, RunPlan
+from tokray.seeds import derive_seed
 from tokray.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ class _Progress:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """``config``: {"plan": the driver's RunPlan, "tracking": a Tracking or None}."""
+    """``config``: {"plan": the driver's RunPlan, "ingest": its tokray.data.ingest.Ingest, "tracking": a Tracking
+    or None}."""
     import ray.data
     import ray.train
     import ray.train.torch
@@ -123,6 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     setup_logging()
     plan: RunPlan = config["plan"]
+    ingest = config["ingest"]
     cfg = plan.config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -136,13 +138,18 @@ def train_loop_per_worker(config: dict) -> None:
     opt = torch.optim.AdamW(task.param_groups(model), lr=cfg.lr, betas=tuple(cfg.betas))
     ema = _make_ema(model, cfg.ema_decay)
     per_epoch, total = plan.steps
-    step = 0
+    order = ingest.order
+    step, position = 0, DataPosition(0, 0)
     # a restart after a failure gets the run's latest checkpoint; --resume names one explicitly
     ckpt = ray.train.get_checkpoint() or (ray.train.Checkpoint(plan.resume_from) if plan.resume_from else None)
     if ckpt:
-        step = restore(ckpt, model, opt, ema)
+        step, position = restore(ckpt, model, opt, ema)
+        if position is None:  # a checkpoint from before positions were stored: the step within its epoch
+            epoch, done = divmod(step, per_epoch)
+            position = DataPosition(epoch, done * cfg.batch_size)
         if rank == 0:
-            log.info("restored from checkpoint at step %d", step)
+            log.info("restored from checkpoint at step %d: epoch %d, %d samples of it consumed (%d workers now)",
+                     step, position.epoch, position.samples, world)
     model.to(device)
     task.to(device)
     if ema is not None:
@@ -151,7 +158,6 @@ def train_loop_per_worker(config: dict) -> None:
     raw = model.module if hasattr(model, "module") else model
     amp = cfg.amp and device.type == "cuda"
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "masks", rank, step))  # masks, augmentation
-    shard = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("val") if cfg.task == "classify" else None
     tb = _tensorboard(cfg.out) if rank == 0 else None
     ray.data.DataContext.get_current().enable_progress_bars = False  # the training log stays readable
@@ -160,19 +166,17 @@ def train_loop_per_worker(config: dict) -> None:
     trace = _batch_trace(cfg.out, rank, step) if cfg.trace_batches else None
     prog = _Progress()
     while step < total:
-        epoch, done_in_epoch = divmod(step, per_epoch)
-        batches = task.iter_batches(shard, micro, drop_last=True, shuffle_buffer=cfg.shuffle_buffer or None,
-                                    seed=derive_seed(cfg.seed, "shuffle", epoch, rank) % 2**32)
-        t0 = time.perf_counter()
+        # this rank's slice of every global batch of the epoch, from the position on: nothing before it is read
+        stream = ingest.epoch_dataset(position.epoch, position.samples, rank, world)
+        batches = task.iter_batches(stream, micro, drop_last=True)
+        t0, epoch_start_step = time.perf_counter(), step
         for i, batch in enumerate(batches):
-            if i // cfg.grad_accum < done_in_epoch:  # resume: this epoch's first batches are done
-                t0 = time.perf_counter()
-                continue
-            if step >= total or i // cfg.grad_accum >= per_epoch:
+            if step >= total:
                 break
             prog.wait += time.perf_counter() - t0
             if trace is not None:
-                trace.write(json.dumps({"step": step, "epoch": epoch, "rank": rank, "world": world,
+                trace.write(json.dumps({"step": step, "epoch": position.epoch, "position": position.samples,
+                                        "rank": rank, "world": world, "pid": os.getpid(),
                                         "sample_ids": batch["sample_id"].tolist()}) + "\n")
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss, extra = task.loss(model, batch, device, gen)
@@ -189,6 +193,7 @@ def train_loop_per_worker(config: dict) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            position = position.advanced(cfg.batch_size, order.used_per_epoch)
             if ema is not None:
                 ema.update(raw, step=step)
             prog.stepped()
@@ -199,7 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     log.info("step %d/%d loss %.4f lr %.2e %.0f samples/s data-wait %.1f%% ETA %.0fs", step, total,
                              metrics["loss"], lr, metrics["samples_per_s"], metrics["data_wait_pct"], metrics["eta_s"])
-            if val is not None and (step % per_epoch == 0 or step == total):
+            if val is not None and (position.samples == 0 or step == total):
                 score = lambda m, b: task.top1(m, b, device, rank, world)  # noqa: E731
                 metrics.update(_validate(raw, ema, lambda: task.iter_batches(val, micro), score))
                 if rank == 0:
@@ -207,12 +212,15 @@ def train_loop_per_worker(config: dict) -> None:
                              f" (EMA {metrics['val_top1_ema']:.2f}%)" if "val_top1_ema" in metrics else "")
             _write_tensorboard(tb, metrics, step, logged)
             if step % cfg.ckpt_every == 0 or step == total or "val_top1" in metrics:
-                save_and_report(raw, opt, ema, step, plan, metrics, rank)
+                save_and_report(raw, opt, ema, step, position, plan, metrics, rank)
                 trackers.log(metrics, step)
             elif logged:
                 ray.train.report(metrics)
                 trackers.log(metrics, step)
             t0 = time.perf_counter()
+        if step == epoch_start_step:  # would loop forever: the order promised batches the stream did not give
+            raise RuntimeError(f"rank {rank}: epoch {position.epoch} from sample {position.samples} gave no batch of "
+                               f"{micro}; the dataset at {ingest.uri} changed under the run?")
     for f in (tb, trace):
         if f is not None:
             f.close()

@@ -39,6 +39,28 @@ class RunPlan:
         return total_steps(self.config, self.num_samples)
 
 
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+    """Where a run is in the global sample order (tokray.data.order): its epoch and the samples of it the whole
+    run has consumed. Stored in every checkpoint; valid for any worker count."""
+
+    epoch: int
+    samples: int
+
+    def advanced(self, global_batch: int, used_per_epoch: int) -> "DataPosition":
+        """After one optimizer step of ``global_batch`` samples; the next epoch once the epoch's batches are used."""
+        samples = self.samples + global_batch
+        return DataPosition(self.epoch + 1, 0) if samples + global_batch > used_per_epoch else \
+            DataPosition(self.epoch, samples)
+
+    def to_json(self) -> dict:
+        return {"epoch": self.epoch, "samples": self.samples}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "DataPosition | None":
+        return cls(int(d["epoch"]), int(d["samples"])) if d else None
+
+
 class NonFiniteLoss(FloatingPointError):
     """A worker's loss became NaN or infinite: the run stops, naming the step (a user error: exit code 2)."""
 
