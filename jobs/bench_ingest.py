@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -68,7 +69,10 @@ def consume_loop(config: dict) -> None:
         dist.all_gather_object(everyone, mine)
     else:
         everyone = [mine]
-    ray.train.report({"workers": everyone})
+    if rank == 0:  # a file, not ray.train.report: V2 keeps reported metrics only beside a checkpoint
+        with open(os.path.join(config["out"], "workers.json.tmp"), "w") as f:
+            json.dump(everyone, f)
+        os.replace(os.path.join(config["out"], "workers.json.tmp"), os.path.join(config["out"], "workers.json"))
 
 
 class ObjectStoreSampler:
@@ -76,13 +80,16 @@ class ObjectStoreSampler:
     `ray memory --stats-only` prints (ray._private.internal_api), so a failure reads as unknown."""
 
     def __init__(self):
+        import ray
+
         self.peak, self._stop = None, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._address = ray.get_runtime_context().gcs_address  # this job's Ray, not another one on the machine
 
     def _used(self):
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-        return get_memory_info_reply(get_state_from_address(None)).store_stats.object_store_bytes_used
+        return get_memory_info_reply(get_state_from_address(self._address)).store_stats.object_store_bytes_used
 
     def _run(self):
         while not self._stop.is_set():
@@ -115,13 +122,16 @@ def run_case(uri: str, case: Case, args, out: str) -> dict:
         t0 = time.perf_counter()
         ingest = plan_ingest(uri, cfg)
         trainer = TorchTrainer(
-            consume_loop, train_loop_config={"ingest": ingest, "epochs": args.epochs},
+            consume_loop, train_loop_config={"ingest": ingest, "epochs": args.epochs, "out": out},
             scaling_config=ray.train.ScalingConfig(num_workers=case.workers,
                                                    resources_per_worker={"CPU": cfg.cpus_per_worker}),
             run_config=ray.train.RunConfig(name=f"bench-{case.store}-{case.mode}-{case.workers}",
                                            storage_path=os.path.join(out, "ray")))
-        workers = trainer.fit().metrics["workers"]
+        os.makedirs(out, exist_ok=True)
+        trainer.fit()
         wall = time.perf_counter() - t0
+    with open(os.path.join(out, "workers.json")) as f:
+        workers = json.load(f)
     del ingest  # frees materialized blocks before the next case
     total = sum(w["samples"] for w in workers)
     return {"store": case.store, "mode": case.mode, "workers": case.workers, "samples": total,
@@ -171,10 +181,10 @@ def main() -> int:
     p.add_argument("--window", type=int, default=262_144, help="shuffle window, samples")
     p.add_argument("--cpus", type=float, default=2, help="CPUs the workers of a case share")
     p.add_argument("--object-store-mb", type=int, help="start Ray with this object store size")
-    p.add_argument("--smoke-test", action="store_true", help="20k samples, local store, both modes, 1 and 2 workers")
+    p.add_argument("--smoke-test", action="store_true", help="20k samples, local store, both modes, 2 workers")
     args = parse_args(p)
     if args.smoke_test:
-        args.samples, args.stores, args.shard_rows = 20_000, ["local"], 2048
+        args.samples, args.stores, args.shard_rows, args.workers = 20_000, ["local"], 2048, [2]
     import ray
 
     from tokray.data.synth import SynthTokens

@@ -222,3 +222,26 @@ def test_a_killed_run_resumed_on_fewer_workers_trains_every_sample_once(ray_sess
     skipped = {w.index for w in _order().windows(0) if w.end <= resumed_at * BATCH}
     assert skipped and not skipped & {r["window"] for r in e0}
     assert sorted(r["window"] for r in reads if r["epoch"] == 1) == [0, 1, 2, 3]
+
+
+@pytest.mark.ray
+def test_a_worker_failure_restarts_from_the_checkpoint_position(ray_session, local_tokens, tmp_path):
+    """FailureConfig: Ray Train restarts the worker group from its latest checkpoint; the restarted
+    workers start the stream at the stored position, so every step trains on its planned samples."""
+    total = 24
+    killer = kill_a_worker_at(tmp_path, step=10)
+    smoke_run(local_tokens, tmp_path, 2, "materialize", max_steps=total, ckpt_every=3, max_failures=1)
+    killer.join(1)
+    starts = sorted({int(p.name.split("-from")[1].split("-")[0]) for p in (tmp_path / "trace").glob("rank0-*")})
+    assert len(starts) == 2 and starts[0] == 0 and 0 < starts[1] <= 11, starts  # one restart, from a checkpoint
+    steps = {}
+    for start in starts:  # a later start's lines replace what the failed attempt traced after its checkpoint
+        for p in (tmp_path / "trace").glob(f"rank*-from{start}-*.jsonl"):
+            for d in map(json.loads, p.read_text().splitlines()):
+                steps.setdefault((start, d["step"]), []).extend(d["sample_ids"])
+    merged = {}
+    for (start, step), ids in sorted(steps.items()):
+        if step >= start:
+            merged[step] = frozenset(ids)
+    want = expected_steps(2)
+    assert merged == {s: want[s] for s in range(total)}

@@ -34,6 +34,7 @@ from tokray.storage.stores import open_store
 log = logging.getLogger(__name__)
 
 NODE_ID_LABEL = "ray.io/node-id"  # every node's built-in label (ray._raylet.RAY_NODE_ID_KEY)
+READS_IN_FLIGHT = 2
 
 
 
@@ -67,7 +68,9 @@ class Ingest:
         # reads run beside the worker: its node's cache tier, no transfer. No CPU is reserved for them: the
         # Train workers hold the node's CPUs, and reading + decoding a window is small next to a step
         here = {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}
-        return ray.data.read_datasource(_WindowSource(self, epoch, start, rank, world), num_cpus=0, label_selector=here)
+        # two read tasks at a time: one window in flight while the rank trains on the one before
+        return ray.data.read_datasource(_WindowSource(self, epoch, start, rank, world), num_cpus=0, label_selector=here,
+                                        concurrency=READS_IN_FLIGHT)
 
 
 def resolve_mode(mode: str, inmemory_bytes: int, object_store_bytes: float, fraction: float) -> str:
