@@ -59,3 +59,21 @@ def test_results_table_has_top1_by_budget_with_token_lead_over_pixels(tmp_path):
     assert "| budget | seit | seitpp | pixels | best tokens - pixels |" in pivot
     assert "| 100% | 40.00 | 45.50 | 42.00 (16px q50) | +3.50 |" in pivot
     assert "| 10% | 20.00 | 30.00 | 31.00 (8px q50) | -1.00 |" in pivot
+
+
+def test_smoke_search_writes_a_column_per_searched_key_the_best_setting_and_the_plot(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {choice: [1.0e-3, 2.0e-3]}\naugment:\n  noise_prob: {uniform: [0.0, 0.5]}\n")
+    out = tmp_path / "sweep"
+    res = run_job("jobs/sweep.py", "--smoke-test", "--budgets", "2%", "--space", str(space), "--num-samples", "2",
+                  "--out", str(out), timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert _result(res)["trials"] == 2 and _result(res)["failed"] == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and {"lr", "augment.noise_prob", "protocol", "steps"} <= set(rows[0])
+    assert {r["lr"] for r in rows} <= {"0.001", "0.002"} and all(0 <= float(r["augment.noise_prob"]) <= 0.5 for r in rows)
+    assert {(r["protocol"], r["steps"]) for r in rows} == {("steps", "3")}
+    md = (out / "results.md").read_text()
+    assert "Best setting per budget:" in md and "| budget | method | samples searched | top1 | lr | augment.noise_prob |" in md
+    assert (out / "results-space.png").stat().st_size > 0
+    assert len({p.parent.name for p in (out / "trials" / "cifar_seit-2pct").glob("*/config.json")}) == 2  # a run dir each

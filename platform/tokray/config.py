@@ -133,7 +133,7 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     gpus_per_worker: float = 1.0  # with use_gpu: a fraction packs several runs (sweep trials) on one GPU
-    amp: bool = True  # bf16 autocast, on GPU only
+    amp: bool = True  # bf16 autocast on GPUs and on CPUs with native bf16 (tokray.devices.bf16_autocast_pays)
     grad_accum: int = 1
     cpus_per_worker: float = 1.0  # CPUs each Ray Train worker reserves (fractions pack several on a core)
     ingest: str = "auto"  # stream | materialize | auto (materialize when the set fits materialize_fraction)

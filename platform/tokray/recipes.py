@@ -187,5 +187,8 @@ def cifar_seitpp_mtm() -> TrainConfig:
 
 @recipe
 def cifar_pixels() -> TrainConfig:
-    """Pixel baseline for sweeps: stored JPEGs into pixel_vit_tiny (token_vit_tiny's width, depth, 64 patches), flip + CutMix."""
-    return _cifar(recipe="cifar_pixels", model="pixel_vit_tiny", cutmix=1.0, label_smoothing=0.1, out="runs/cifar_pixels")
+    """Pixel baseline for sweeps: stored JPEGs into pixel_vit_tiny (64 patches), RRC + flip + CutMix/Mixup like the token recipes."""
+    # the token recipes' crop range and mixing (SeiT++: Mixup 0.8 | CutMix 1.0), on pixels
+    aug = AugmentConfig(rrc_prob=1.0, rrc_scale=_CIFAR_CROP["rrc_scale"], flip_prob=0.5)
+    return _cifar(recipe="cifar_pixels", model="pixel_vit_tiny", augment=aug, cutmix=1.0, mixup=0.8,
+                  label_smoothing=0.1, out="runs/cifar_pixels")

@@ -106,7 +106,8 @@ def materialize_shards(ds: Dataset) -> tuple:
     """Every shard, verified, as one object-store block each (refs owned by the driver)."""
     import ray
 
-    read = ray.remote(num_returns=2)(_read_shard_and_rows)
+    # DEFAULT: outside the caller's placement group (a Tune trial's holds no CPU for these reads)
+    read = ray.remote(num_returns=2)(_read_shard_and_rows).options(scheduling_strategy="DEFAULT")
     pairs = [read.remote(ds.uri, ds.manifest, i) for i in range(len(ds.manifest.shards))]
     ray.get([rows for _, rows in pairs])  # raises the first read task's error (e.g. a bad digest)
     return tuple(table for table, _ in pairs)

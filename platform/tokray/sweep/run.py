@@ -16,57 +16,124 @@ def _indexed_trial(config: dict, trials: list[dict] | None = None, sweep: dict |
     run_trial({**trials[config["index"]], "sweep": sweep})
 
 
+def _searched_trial(config: dict, trial: dict | None = None, sweep: dict | None = None) -> None:
+    """One sample of a search: the base trial with the sampled settings, in a run dir of its own (Tune's trial
+    id, which a restored experiment keeps, so an interrupted sample continues from its checkpoint)."""
+    from ray import tune
+
+    from tokray.sweep.trial import run_trial
+
+    out = os.path.join(trial["out"], tune.get_context().get_trial_id())
+    run_trial({**trial, "out": out, "sampled": {k: config[k] for k in trial["space_keys"]}, "sweep": sweep})
+
+
+def _scheduler(sweep, trials: list[dict]):
+    """ASHA on val top-1 (reported at epoch ends) in the protocol's unit of time (steps: the same for every
+    budget), stopping trials that trail at 1/8, 1/4 and 1/2 of the run."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    if sweep.protocol == "steps":
+        attr, max_t = "step", max(t["steps"] for t in trials)
+    else:
+        attr, max_t = "epoch", max(1.0, sweep.epochs)
+    return ASHAScheduler(time_attr=attr, metric="val_top1", mode="max", max_t=max_t, grace_period=max_t / 8,
+                         reduction_factor=2)
+
+
+def _tuner(name: str, trainable, sweep, param_space: dict, *, search_alg=None, num_samples: int = 1,
+           scheduler=None):
+    """A new Tuner for experiment ``name``, or the interrupted one restored (its finished trials kept)."""
+    from ray import tune
+
+    storage = os.path.join(os.path.abspath(sweep.out), "tune")
+    path = os.path.join(storage, name)
+    if tune.Tuner.can_restore(path):
+        log.info("%s: restoring the Tune experiment at %s (finished trials are kept)", name, path)
+        return tune.Tuner.restore(path, trainable, resume_errored=True)
+    return tune.Tuner(trainable, param_space=param_space,
+                      tune_config=tune.TuneConfig(max_concurrent_trials=sweep.concurrent, num_samples=num_samples,
+                                                  search_alg=search_alg,
+                                                  scheduler=scheduler),
+                      run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1))
+
+
+def _with_resources(trainable):
+    """The trial holds no CPU (only a little memory; Ray refuses an empty bundle): its Ray Train worker does (1
+    CPU, or 1/trials_per_gpu of a GPU), so `concurrent` trials fit `concurrent` CPUs."""
+    from ray import tune
+
+    return tune.with_resources(trainable, tune.PlacementGroupFactory([{"CPU": 0, "memory": 256 * 2**20}]))
+
+
+def _row(trial: dict, result, name: str) -> dict:
+    metrics = dict(result.metrics or {})
+    if result.error is not None:
+        log.warning("%s trial %s failed: %s", name, trial["out"], str(result.error).splitlines()[-1:])
+        metrics["error"] = str(result.error).splitlines()[-1] if str(result.error) else "error"
+    return {**trial, **metrics}
+
+
 def run_phase(name: str, trials: list[dict], sweep, use_asha: bool = False) -> list[dict]:
     """Run (or continue) the trials of one phase; returns each trial's dict merged with its last result."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     if not trials:
         return []
-    storage = os.path.join(os.path.abspath(sweep.out), "tune")
-    path = os.path.join(storage, name)
-    # the trial holds no CPU (only a little memory; Ray refuses an empty bundle): its Ray Train worker does
-    # (1 CPU), so `concurrent` trials fit `concurrent` CPUs
-    trainable = tune.with_resources(tune.with_parameters(_indexed_trial, trials=trials, sweep=dataclasses.asdict(sweep)),
-                                    tune.PlacementGroupFactory([{"CPU": 0, "memory": 256 * 2**20}]))
-    _pin_plan(storage, name, trials, sweep.overrides)
-    if tune.Tuner.can_restore(path):
-        log.info("%s: restoring the Tune experiment at %s (finished trials are kept)", name, path)
-        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-    else:
-        scheduler = None
-        if use_asha:  # stops trials whose per-epoch val top-1 trails at 1, 2, 4... epochs
-            scheduler = ASHAScheduler(time_attr="epoch", metric="val_top1", mode="max", max_t=max(1.0, sweep.epochs),
-                                      grace_period=1.0, reduction_factor=2)
-        tuner = tune.Tuner(trainable, param_space={"index": tune.grid_search(list(range(len(trials))))},
-                           tune_config=tune.TuneConfig(max_concurrent_trials=sweep.concurrent, scheduler=scheduler),
-                           run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1))
-    grid = tuner.fit()
-    rows = []
-    for result in grid:
-        trial = trials[result.config["index"]]
-        metrics = dict(result.metrics or {})
-        if result.error is not None:
-            log.warning("%s trial %s failed: %s", name, trial["out"], str(result.error).splitlines()[-1:])
-            metrics["error"] = str(result.error).splitlines()[-1] if str(result.error) else "error"
-        rows.append({**trial, **metrics})
+    _pin_plan(os.path.join(os.path.abspath(sweep.out), "tune"), name, trials, sweep)
+    trainable = _with_resources(tune.with_parameters(_indexed_trial, trials=trials, sweep=dataclasses.asdict(sweep)))
+    tuner = _tuner(name, trainable, sweep, {"index": tune.grid_search(list(range(len(trials))))},
+                   scheduler=_scheduler(sweep, trials) if use_asha else None)
+    rows = [_row(trials[r.config["index"]], r, name) for r in tuner.fit()]
     return sorted(rows, key=lambda r: r["out"])
 
 
-def _pin_plan(storage: str, name: str, trials: list[dict], overrides: tuple = ()) -> None:
-    """Tune restores trials by index into this list: a rerun with other settings must not reuse the state."""
+def run_search(trials: list[dict], sweep) -> list[dict]:
+    """Each token trial (budget x recipe) searched over ``sweep.space``: one Tune experiment per base trial
+    (``tune/search-<trial>``), ``sweep.num_samples`` samples (or the whole grid) with ``sweep.search``'s
+    searcher, so the best setting is found per budget. Rows carry the sampled values under their keys."""
+    from ray import tune
+
+    from tokray.sweep.space import param_space, search_alg
+
+    keys = [p.key for p in sweep.space]
+    storage = os.path.join(os.path.abspath(sweep.out), "tune")
+    rows = []
+    for trial in trials:
+        name = f"search-{os.path.basename(trial['out'])}"
+        _pin_plan(storage, name, [trial], sweep)
+        base = {**trial, "space_keys": keys}
+        trainable = _with_resources(tune.with_parameters(_searched_trial, trial=base, sweep=dataclasses.asdict(sweep)))
+        tuner = _tuner(name, trainable, sweep, param_space(sweep.space, sweep.search),
+                       search_alg=search_alg(sweep.search, sweep.seed),
+                       num_samples=1 if sweep.search == "grid" else sweep.num_samples,
+                       scheduler=_scheduler(sweep, [trial]) if sweep.asha else None)
+        for r in tuner.fit():
+            sampled = {k: r.config.get(k) for k in keys}
+            trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(r.path)
+            rows.append({**_row({**trial, "out": os.path.join(trial["out"], trial_id)}, r, name), "space": sampled})
+    return sorted(rows, key=lambda r: r["out"])
+
+
+def _pin_plan(storage: str, name: str, trials: list[dict], sweep) -> None:
+    """Tune restores trials by index into this list (and searches by their space): a rerun with other settings
+    must not reuse the state."""
     import json
 
     os.makedirs(storage, exist_ok=True)
     path = os.path.join(storage, f"{name}.plan.json")
-    pinned = {"trials": trials, "overrides": [list(o) for o in overrides]} if overrides else trials
-    plan = json.dumps(pinned, sort_keys=True, indent=1, default=str)
+    pinned = {"trials": trials}
+    if sweep.overrides:
+        pinned["overrides"] = [list(o) for o in sweep.overrides]
+    if sweep.space:
+        pinned.update(space=[dataclasses.asdict(p) for p in sweep.space], search=sweep.search,
+                      num_samples=sweep.num_samples)
+    plan = json.dumps(pinned if len(pinned) > 1 else trials, sort_keys=True, indent=1, default=str)
     if os.path.exists(path):
         with open(path) as f:
             if f.read() != plan:
                 raise ValueError(f"the sweep under {os.path.dirname(storage)} was started with other settings "
-                                 f"(budgets, recipes, epochs, pixel sizes or data); rerun it with the same flags to "
-                                 f"continue it, or give a new --out")
+                                 f"(budgets, recipes, protocol, epochs/steps, pixel sizes, space or data); rerun it "
+                                 f"with the same flags to continue it, or give a new --out")
         return
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:

@@ -23,6 +23,7 @@ def run_trial(params: dict) -> None:
     from tokray.recipes import get_recipe
     from tokray.runtime import setup_logging
     from tokray.sweep.plan import SweepConfig, run_overrides
+    from tokray.sweep.space import sampled_overrides
     from tokray.train.launch import fit, prepare, tracking_from_args
 
     setup_logging()
@@ -30,6 +31,8 @@ def run_trial(params: dict) -> None:
     recipe = get_recipe(params["recipe"])
     if sweep.overrides and params.get("kind") == "tokens":  # the swept recipes, not MTM or the pixel baselines
         recipe = apply_overrides(recipe, [tuple(o) for o in sweep.overrides])
+    if params.get("sampled"):  # a search's sample (tokray.sweep.space), checked against the recipe up front
+        recipe = apply_overrides(recipe, sampled_overrides(params["sampled"], sweep.space))
     plan = prepare(dataclasses.replace(recipe, **run_overrides(sweep, params)), resume=True)
     cfg = plan.config
     metrics = _finished_metrics(plan)

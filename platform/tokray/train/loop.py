@@ -118,6 +118,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from tokray.devices import bf16_autocast_pays
     from tokray.runtime import setup_logging
     from tokray.train.checkpoint import load_encoder, load_state, restore, save_and_report
     from tokray.train.tasks import make_task
@@ -156,7 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
         ema.module.to(device)
     model = ray.train.torch.prepare_model(model)
     raw = model.module if hasattr(model, "module") else model
-    amp = cfg.amp and device.type == "cuda"
+    amp = cfg.amp and bf16_autocast_pays(device)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "masks", rank, step))  # masks, augmentation
     val = ray.train.get_dataset_shard("val") if cfg.task == "classify" else None
     tb = _tensorboard(cfg.out) if rank == 0 else None

@@ -47,14 +47,18 @@ class _Task:
     def __init__(self, cfg: TrainConfig, spec: DataSpec, codebook: torch.Tensor | None = None, augment: bool = True):
         self.cfg, self.spec, self.codebook = cfg, spec, codebook
         self.num_classes = spec.num_classes
-        self.augment = None
-        if cfg.augment.enabled and augment:
-            from tokray.augment.pipeline import build_token_augment
+        self.augment = self._make_augment() if augment else None
 
-            if codebook is None:
-                raise ValueError(f"recipe {cfg.recipe!r} augments tokens and needs the tokenizer's codebook")
-            aug = dataclasses.replace(cfg.augment, num_classes=self.num_classes)  # soft targets: the data's classes
-            self.augment = build_token_augment(aug, codebook, spec.tokenizer)
+    def _make_augment(self):
+        """The token augmentation of the recipe (None when it sets none)."""
+        if not self.cfg.augment.enabled:
+            return None
+        from tokray.augment.pipeline import build_token_augment
+
+        if self.codebook is None:
+            raise ValueError(f"recipe {self.cfg.recipe!r} augments tokens and needs the tokenizer's codebook")
+        aug = dataclasses.replace(self.cfg.augment, num_classes=self.num_classes)  # soft targets: the data's classes
+        return build_token_augment(aug, self.codebook, self.spec.tokenizer)
 
     def _create(self, **extra) -> torch.nn.Module:
         model = models.create_model(self.cfg.model, grid=model_grid(self.cfg, self.spec),
@@ -161,9 +165,16 @@ class ClassifyTask(_Task):
 
 class PixelClassifyTask(ClassifyTask):
     """The pixel baseline: stored JPEGs (decoded in the data stream) into a pixel ViT with the token model's
-    width, depth and sequence length; random horizontal flip, then the same timm CutMix/Mixup and smoothing."""
+    width, depth and sequence length; the recipe's random-resized crop and flip (``augment.rrc_*``,
+    ``augment.flip_prob``: tokray.augment.pixels, on the device, from the worker's generator), then the same
+    timm CutMix/Mixup and smoothing as the token path."""
 
     input_key = "pixels"
+
+    def _make_augment(self):
+        from tokray.augment.pixels import PixelAugment
+
+        return PixelAugment(self.cfg.augment)  # refuses token-only settings (the driver builds the task first)
 
     def build(self) -> torch.nn.Module:
         self._require_classes()
@@ -173,15 +184,21 @@ class PixelClassifyTask(ClassifyTask):
     def eval_view(self, x: torch.Tensor) -> torch.Tensor:
         return x  # the whole stored image, as in training (uint8: the model normalizes)
 
+    def to(self, device) -> "PixelClassifyTask":
+        return self  # (the augmentation holds no tensors)
+
+    def augmented(self, x, labels, generator):
+        """(images, targets): crop + flip, then CutMix/Mixup (soft targets) when the recipe mixes."""
+        if self.augment is not None:
+            x = self.augment(x, generator)
+        return self.mixer(x, labels) if self.mixer is not None else (x, labels)
+
     def loss(self, model, batch: dict, device, generator) -> tuple[torch.Tensor, dict]:
         x = self.inputs(batch, device).float() / 255.0
-        flip = (torch.rand(len(x), generator=generator) < 0.5).to(device)
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        labels = batch["label"].to(device, non_blocking=True)
-        if self.mixer is None:
-            return F.cross_entropy(model(x), labels, label_smoothing=self.cfg.label_smoothing), {}
-        x, target = self.mixer(x, labels)
-        return _soft_cross_entropy(model(x), target), {}
+        x, target = self.augmented(x, batch["label"].to(device, non_blocking=True), generator)
+        if target.ndim == 2:
+            return _soft_cross_entropy(model(x), target), {}
+        return F.cross_entropy(model(x), target, label_smoothing=self.cfg.label_smoothing), {}
 
 
 def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
