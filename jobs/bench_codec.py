@@ -8,7 +8,8 @@ clock and this thread's CPU time; tables built beforehand, once per process, see
   python jobs/bench_codec.py --smoke-test        # tiny sizes, seconds
 
 Shards are coded as the dataset has them (its shard_rows); the synthetic set uses --shard-rows.
-Prints tables, then one JSON line.
+Only the ids are coded here (labels and sample ids are not): ``jobs/bench_store.py`` measures whole
+datasets in each codec. Prints tables, then one JSON line.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ def bench(name: str, shards: list[tuple[np.ndarray, np.ndarray, np.ndarray]], co
     return row
 
 
+def manifest_bytes(ds) -> int:
+    """The manifest's own bytes: the store's, less the shards and side files (a stored model is measured here)."""
+    return ds.manifest.store_bytes - ds.manifest.shard_bytes - ds.manifest.file_bytes
+
+
 def dataset_shards(uri: str, limit: int | None):
     from tokray.storage.dataset import open_dataset
 
@@ -122,10 +128,10 @@ def main() -> int:
 
     ds, shards = dataset_shards(args.dataset or default_tokens("train"), args.samples)
     rows = [bench(args.dataset or "cifar10 train (shipped)", shards, ds.meta.codebook_size, args.repeats,
-                  jpeg_bytes=jpeg_of(ds), manifest_bytes=ds.manifest.store_bytes - ds.manifest.shard_bytes)]
+                  jpeg_bytes=jpeg_of(ds), manifest_bytes=manifest_bytes(ds))]
     if args.dataset is None and not args.no_val:  # the rest of the shipped set: own model, or train's
         vds, vshards = dataset_shards(default_tokens("val"), args.samples)
-        kw = dict(jpeg_bytes=jpeg_of(vds), manifest_bytes=vds.manifest.store_bytes - vds.manifest.shard_bytes)
+        kw = dict(jpeg_bytes=jpeg_of(vds), manifest_bytes=manifest_bytes(vds))
         rows.append(bench("cifar10 val (shipped), own model", vshards, vds.meta.codebook_size, args.repeats, **kw))
         rows.append(bench("cifar10 val (shipped), train's model", vshards, vds.meta.codebook_size, args.repeats,
                           model=rows[0]["_model"], **kw))

@@ -1,10 +1,16 @@
-"""Storage benchmark: bytes per sample against the entropy bound, read throughput per store and
-path, and peak memory of writing and reading large synthetic datasets.
+"""Storage benchmark: each token codec's bytes against the order-0 entropy bound and its decode
+speed, read throughput per store and path, and peak memory of writing and reading large synthetic
+datasets.
 
-  python jobs/bench_store.py                      # a synthetic 45k-sample set, all stores
+  python jobs/bench_store.py                      # a synthetic 45k-sample 8x8 set, all stores
   python jobs/bench_store.py --dataset URI        # your dataset (copied to S3/LMDB for the test)
+  python jobs/bench_store.py --grid 32 32 --codebook 8192 --samples 16384 --skip s3 lmdb ray rss
 
-S3 rows use a moto server on 127.0.0.1 (needs the `test` extra). Prints a table, then one JSON line.
+The codec table: the dataset copied once per codec (context, parquet; the same ids), each copy's
+bits/token (order-0 bound of its ids, and every stored byte), bytes/sample, % of the JPEG bytes
+when the dataset records them (tokenized sets), and decode samples/s on one core (CPU time of
+stored bytes -> Arrow table, best of 3 per shard). The read paths use the default codec's copy.
+S3 rows use a moto server on 127.0.0.1 (needs the `test` extra). Prints tables, then one JSON line.
 """
 
 from __future__ import annotations
@@ -20,16 +26,26 @@ import numpy as np
 
 from tokray.cli import parse_args, print_result, print_table, run_main
 from tokray.storage.dataset import copy_dataset, open_dataset
-from tokray.storage.formats.tokens import table_ids
+from tokray.storage.formats.tokens import CODECS, DEFAULT_CODEC
 
 
-def order0_entropy_bits(uri) -> float:
-    counts = None
-    for table in open_dataset(uri).iter_tables():
-        c = np.bincount(table_ids(table).ravel(), minlength=65536)
-        counts = c if counts is None else counts + c
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log2(p)).sum())
+def codec_rows(uri, tmp) -> tuple[list[dict], dict[str, str]]:
+    """One row per codec: the dataset copied with it, measured; and the copies' URIs."""
+    rows, copies = [], {}
+    for codec in CODECS:
+        copies[codec] = os.path.join(tmp, f"codec-{codec}")
+        t0 = time.perf_counter()
+        m = copy_dataset(uri, copies[codec], codec=codec)
+        write_s = time.perf_counter() - t0
+        st = open_dataset(copies[codec]).codec_stats()
+        jpeg = (m.meta.extra or {}).get("jpeg_bytes")
+        h, w = m.meta.grid
+        rows.append({"codec": codec, "grid": f"{h}x{w}", "codes": m.meta.codebook_size, "samples": m.num_samples,
+                     "order0_bits": st.order0_bits, "stored_bits": st.stored_bits, "store_bytes": m.store_bytes,
+                     "model_bytes": sum(m.files[f]["bytes"] for f in m.format.codec_files(m.meta)),
+                     "bytes_per_sample": st.bytes_per_sample, "pct_jpeg": 100 * m.store_bytes / jpeg if jpeg else "-",
+                     "decode_samples_per_s": st.decode_samples_per_s, "write_s": write_s})
+    return rows, copies
 
 
 def timed(fn, repeats: int = 1) -> float:
@@ -49,7 +65,8 @@ def plain_pass(uri) -> int:
 def lmdb_random(uri, n: int = 20000, seed: int = 0, batch: int = 1) -> int:
     """Random sample ids, one ``get`` each (batch 1) or ``get_many`` of ``batch`` ids in one transaction."""
     ds = open_dataset(uri)
-    sids = np.concatenate([s for s in (np.arange(i.first_sample_id, i.last_sample_id + 1) for i in ds.manifest.shards)])
+    sids = np.concatenate([ds.read_shard(i, ["sample_id"]).column("sample_id").to_numpy()
+                           for i in range(len(ds.manifest.shards))])  # a split's ids have gaps
     pick = np.random.default_rng(seed).choice(sids, n)
     if batch == 1:
         for sid in pick:
@@ -60,15 +77,22 @@ def lmdb_random(uri, n: int = 20000, seed: int = 0, batch: int = 1) -> int:
     return n
 
 
-def ray_rows(uri) -> list[dict]:
+def ray_rows(uris: dict[str, str]) -> list[dict]:
+    """The Ray Data read paths on each codec's copy (shards decode in the read tasks)."""
     import ray
 
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows = [row for codec, uri in uris.items() for row in _ray_codec_rows(codec, uri)]
+    ray.shutdown()
+    return rows
+
+
+def _ray_codec_rows(codec: str, uri: str) -> list[dict]:
     from tokray.data.spec import DataSpec
     from tokray.data.stream import iter_torch_batches
     from tokray.storage.raysource import read_ray_dataset
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     rows = []
     ds = read_ray_dataset(uri)
     spec = DataSpec.from_manifest(open_dataset(uri).manifest)
@@ -84,11 +108,11 @@ def ray_rows(uri) -> list[dict]:
     def materialized():
         return sum(len(b["ids"]) for b in iter_torch_batches(mat, spec, batch_size=1024))
 
-    rows.append({"path": "ray data: default iter_torch_batches (bs 256)", "samples_per_s": timed(default_path, 2)})
-    rows.append({"path": "ray data: tokray arrow collate (bs 256)", "samples_per_s": timed(tokray_path(256), 2)})
-    rows.append({"path": "ray data: tokray arrow collate (bs 1024)", "samples_per_s": timed(tokray_path(1024), 2)})
-    rows.append({"path": "ray data: materialized blocks (bs 1024)", "samples_per_s": timed(materialized, 2)})
-    ray.shutdown()
+    for path, fn in (("default iter_torch_batches (bs 256)", default_path),
+                     ("tokray arrow collate (bs 256)", tokray_path(256)),
+                     ("tokray arrow collate (bs 1024)", tokray_path(1024)),
+                     ("materialized blocks (bs 1024)", materialized)):
+        rows.append({"path": f"ray data, {codec}: {path}", "samples_per_s": timed(fn, 2)})
     return rows
 
 
@@ -127,6 +151,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", help="token dataset URI (default: a synthetic 45k-sample set)")
     p.add_argument("--samples", type=int, default=45000, help="size of the synthetic set when --dataset is not given")
+    p.add_argument("--grid", type=int, nargs=2, default=[8, 8], metavar=("H", "W"), help="of the synthetic set")
+    p.add_argument("--codebook", type=int, default=512, help="codebook size of the synthetic set")
     p.add_argument("--rss-sizes", type=int, nargs="*", default=[100_000, 1_000_000],
                    help="dataset sizes for the peak-memory rows")
     p.add_argument("--skip", nargs="*", default=[], choices=["s3", "lmdb", "ray", "rss"])
@@ -139,19 +165,18 @@ def main() -> int:
     if uri is None:
         uri = os.path.join(tmp, "synth")
         subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "dataset.py"), "-q", "synth", uri,
-                        "--samples", str(args.samples)], check=True)
-    ds = open_dataset(uri)
-    m = ds.manifest
-    bits = order0_entropy_bits(uri)
-    tps = m.meta.tokens_per_sample
-    storage = {"samples": m.num_samples, "store_bytes": m.store_bytes, "bytes_per_sample": m.store_bytes / m.num_samples,
-               "entropy_bits_per_token": bits, "entropy_bytes_per_sample": bits * tps / 8,
-               "stored_bits_per_token": 8 * m.store_bytes / m.num_samples / tps}
-    storage["overhead_vs_entropy"] = storage["bytes_per_sample"] / storage["entropy_bytes_per_sample"] - 1
-    print_table([storage])
+                        "--samples", str(args.samples), "--grid", *map(str, args.grid), "--codebook",
+                        str(args.codebook)], check=True)
+    storage, copies = codec_rows(uri, tmp)
+    for r in storage:
+        r["vs_order0"] = r["stored_bits"] / r["order0_bits"] - 1
+    print_table(storage, ["codec", "grid", "codes", "samples", "order0_bits", "stored_bits", "vs_order0", "store_bytes",
+                          "model_bytes", "bytes_per_sample", "pct_jpeg", "decode_samples_per_s", "write_s"])
     print()
 
-    rows = [{"path": "local parquet: plain iterator (verify+decode)", "samples_per_s": timed(lambda: plain_pass(uri), 3)}]
+    uri = copies[DEFAULT_CODEC]
+    rows = [{"path": f"local {c}: plain iterator (verify+decode)", "samples_per_s": timed(lambda c=c: plain_pass(copies[c]), 3)}
+            for c in CODECS]
     if "s3" not in args.skip:
         rows += s3_rows(uri, tmp)
     if "lmdb" not in args.skip:
@@ -160,9 +185,10 @@ def main() -> int:
         rows.append({"path": "lmdb: random access, get_many of 1024 (one txn)",
                      "samples_per_s": timed(lambda: lmdb_random(f"lmdb://{tmp}/lmdb", n=100_000, batch=1024), 3)})
     if "ray" not in args.skip:
-        rows += ray_rows(uri)
-    print_table(rows)
-    print()
+        rows += ray_rows(copies)
+    if rows:
+        print_table(rows)
+        print()
 
     rss = []
     if "rss" not in args.skip:
@@ -171,7 +197,8 @@ def main() -> int:
             rss.append({"samples": n, "write_peak_rss_mib": peak_rss("write", n, where),
                         "read_peak_rss_mib": peak_rss("read", n, where)})
         print_table(rss)
-    return print_result({"storage": storage, "throughput": {r["path"]: r["samples_per_s"] for r in rows}, "peak_rss": rss})
+    return print_result({"storage": {r["codec"]: r for r in storage},
+                         "throughput": {r["path"]: r["samples_per_s"] for r in rows}, "peak_rss": rss})
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
 """Datasets (token or pixel records) on any store: info, verify, copy, subset, synth, pixels, import-seit.
 
-  python jobs/dataset.py info URI
+  python jobs/dataset.py info URI [--measure-shards 8]
   python jobs/dataset.py verify URI
-  python jobs/dataset.py copy SRC DST
-  python jobs/dataset.py subset SRC DST --budget 10%|300KB|5000samples [--seed 0]
-  python jobs/dataset.py synth DST [--samples 45000 --grid 8 8 --codebook 512]
+  python jobs/dataset.py copy SRC DST [--codec context|parquet]
+  python jobs/dataset.py subset SRC DST --budget 10%|300KB|5000samples [--seed 0] [--codec context|parquet]
+  python jobs/dataset.py synth DST [--samples 45000 --grid 8 8 --codebook 512] [--codec context|parquet]
   python jobs/dataset.py pixels IMAGES DST --size 16 --quality 50 [--split train|val|all]
   python jobs/dataset.py import-seit DATA_BIN_GZ LABELS_TXT CODEBOOK DST [--grid 32 32]
   python jobs/dataset.py prune SRC DST [--tokenizer SPEC]
   python jobs/dataset.py images-from-cifar cifar-10-python.tar.gz DST.tar [--split train|test|all] [--format jpeg]
 
-info, verify, copy and subset work the same on token and pixel datasets.
+info, verify, copy and subset work the same on token and pixel datasets. Token shards are
+context-coded (format_version 2) unless --codec parquet (format_version 1) is given.
 
 URIs: a local path or file:///abs/path, s3://bucket/prefix (endpoint and credentials from the
 standard AWS variables and config files), lmdb:///abs/path.
@@ -31,28 +32,42 @@ from tokray.data.seit_import import import_seit, seit_index_path
 from tokray.data.synth import SynthTokens
 from tokray.storage.budget import BUDGET_FORMS, Budget, make_subset
 from tokray.storage.dataset import DatasetWriter, copy_dataset, open_dataset
+from tokray.storage.formats.tokens import CODECS, FORMAT
 from tokray.storage.uri import URI_FORMS
 
 log = logging.getLogger("tokray.jobs.dataset")
 
 
 def cmd_info(args) -> int:
+    if args.measure_shards < 0:
+        raise ValueError(f"--measure-shards must be 0 or more, got {args.measure_shards}")
     ds = open_dataset(args.uri)
     m = ds.manifest
+    # the codec's trade, on the first shards (decoding them all would make info as slow as a pass)
+    stats = ds.codec_stats(args.measure_shards) if args.measure_shards else None
     fields = {"uri": ds.uri, "kind": m.kind, "samples": m.num_samples, **ds.format.summary(m.meta),
               "classes": len(m.meta.class_names), "shards": len(m.shards), "shard_rows": m.meta.shard_rows,
+              "codec": ds.codec, "format_version": ds.format.format_version(m.meta),
               "shard_bytes": m.shard_bytes, "store_bytes": m.store_bytes,
               "bytes_per_sample": m.store_bytes / max(1, m.num_samples)}
+    if stats:
+        if stats.units_per_sample:
+            fields["order0_bits_per_token"] = stats.order0_bits
+            fields["stored_bits_per_token"] = stats.stored_bits
+        fields["decode_samples_per_s"] = stats.decode_samples_per_s
+        fields["measured_samples"] = stats.measured_samples
     print_table([{"field": k, "value": v} for k, v in fields.items()])
     return print_result({"uri": ds.uri, "kind": m.kind, "num_samples": m.num_samples, **_meta_fields(m.meta),
                          "num_classes": len(m.meta.class_names), "shards": len(m.shards), "shard_bytes": m.shard_bytes,
-                         "store_bytes": m.store_bytes, "extra": m.meta.extra})
+                         "store_bytes": m.store_bytes, "codec": ds.codec,
+                         "format_version": ds.format.format_version(m.meta),
+                         "codec_stats": stats.to_json() if stats else None, "extra": m.meta.extra})
 
 
 def _meta_fields(meta) -> dict:
     """The record kind's settings for the JSON line (tokens: grid, codebook_size, tokenizer; pixels: size, quality)."""
     d = meta.to_json()
-    return {k: v for k, v in d.items() if k not in ("class_names", "extra", "shard_rows", "encoding")}
+    return {k: v for k, v in d.items() if k not in ("class_names", "extra", "shard_rows", "encoding", "codec")}
 
 
 def cmd_verify(args) -> int:
@@ -71,18 +86,20 @@ def cmd_verify(args) -> int:
 def cmd_copy(args) -> int:
     src = open_dataset(args.src)
     with tqdm(total=len(src.manifest.shards), desc="copy", unit="shard", disable=args.quiet) as bar:
-        m = copy_dataset(args.src, args.dst, overwrite=args.overwrite, progress=bar.update)
-    return print_result({"dst": args.dst, "num_samples": m.num_samples, "store_bytes": m.store_bytes})
+        m = copy_dataset(args.src, args.dst, overwrite=args.overwrite, progress=bar.update, codec=args.codec)
+    return print_result({"dst": args.dst, "num_samples": m.num_samples, "store_bytes": m.store_bytes,
+                         "codec": m.format.codec(m.meta), "source_store_bytes": src.manifest.store_bytes})
 
 
 def cmd_subset(args) -> int:
     budget = Budget.parse(args.budget)
-    m = make_subset(args.src, args.dst, budget, seed=args.seed, overwrite=args.overwrite)
+    m = make_subset(args.src, args.dst, budget, seed=args.seed, overwrite=args.overwrite, codec=args.codec)
     sub = m.meta.extra["subset"]
     print_table([{"budget": str(budget), "budget_bytes": sub["budget_bytes"] or "-", "samples": m.num_samples,
                   "store_bytes": m.store_bytes, "of_source_bytes": m.store_bytes / sub["source_store_bytes"]}])
     return print_result({"dst": args.dst, "budget": str(budget), "budget_bytes": sub["budget_bytes"],
-                         "num_samples": m.num_samples, "store_bytes": m.store_bytes, "seed": args.seed})
+                         "num_samples": m.num_samples, "store_bytes": m.store_bytes, "seed": args.seed,
+                         "codec": m.format.codec(m.meta)})
 
 
 def cmd_synth(args) -> int:
@@ -90,6 +107,7 @@ def cmd_synth(args) -> int:
         raise ValueError(f"--samples must be at least 1, got {args.samples}")
     gen = SynthTokens(grid=tuple(args.grid), codebook_size=args.codebook, num_classes=args.classes, seed=args.seed)
     meta = gen.meta(args.shard_rows)
+    meta = FORMAT.with_codec(meta, args.codec)
     with DatasetWriter(args.dst, meta, overwrite=args.overwrite) as writer:
         with tqdm(total=args.samples, desc="synth", unit="sample", disable=args.quiet) as bar:
             for start in range(0, args.samples, args.shard_rows):
@@ -99,7 +117,7 @@ def cmd_synth(args) -> int:
                 bar.update(n)
         m = writer.close(num_shards=-(-args.samples // args.shard_rows))
     return print_result({"dst": args.dst, "num_samples": m.num_samples, "store_bytes": m.store_bytes,
-                         "shards": len(m.shards)})
+                         "shards": len(m.shards), "codec": m.meta.codec})
 
 
 def cmd_pixels(args) -> int:
@@ -140,8 +158,15 @@ def _src_dst(sub, name: str, fn, help: str) -> argparse.ArgumentParser:
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--overwrite", action="store_true", help="replace whatever is at DST (a dataset or an interrupted write)")
+    _codec_arg(s)
     s.set_defaults(fn=fn)
     return s
+
+
+def _codec_arg(s) -> None:
+    s.add_argument("--codec", choices=CODECS, default=None,
+                   help="token shards: context (format 2, the default: ids context-coded with a model fitted to "
+                        "them) or parquet (format 1); pixel datasets are parquet")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,8 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("info", help="print a dataset's manifest summary", description=f"URI: {URI_FORMS}")
+    s = sub.add_parser("info", help="print a dataset's manifest summary and what its codec costs",
+                       description=f"URI: {URI_FORMS}")
     s.add_argument("uri")
+    s.add_argument("--measure-shards", type=int, default=8,
+                   help="decode the first N shards to measure bits/token and decode speed (0: skip; default 8)")
     s.set_defaults(fn=cmd_info)
 
     s = sub.add_parser("verify", help="check every shard's sha256; exit 1 naming bad shards")
@@ -174,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shard-rows", type=int, default=8192, help="samples per shard (default 8192)")
     s.add_argument("--overwrite", action="store_true")
+    _codec_arg(s)
     s.set_defaults(fn=cmd_synth)
 
     s = sub.add_parser("pixels", help="store an image source as a pixel dataset of small JPEGs (resumable)",

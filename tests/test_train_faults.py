@@ -77,7 +77,7 @@ def _edit_codebook_size(path):
 
 @pytest.mark.parametrize("damage, needles", [
     (lambda p: flip_byte(p / "shard-00002.parquet", 100), ["shard 'shard-00002.parquet'", "jobs/dataset.py verify"]),
-    (_edit_codebook_size, ["outside the codebook", "re-create or re-copy"]),
+    (_edit_codebook_size, ["512 codes but the dataset has 100", "re-create or re-copy"]),
 ], ids=["corrupt shard", "edited codebook_size"])
 def test_damaged_data_stops_training_with_one_line_naming_it(damage, needles, tmp_path):
     write_synth(str(tmp_path / "ds"), samples=1200, shard_rows=300)

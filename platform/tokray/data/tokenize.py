@@ -4,7 +4,9 @@ the foundation's writer, plus the plain in-process loop it is measured against.
 Any tokenizer ``load_tokenizer`` resolves (tokray, ``diffusers:PATH``; ``pruned_like`` encodes into a
 pruned dataset's id space, e.g. the validation split into the training split's codes). Shards are
 fixed ranges of the source's (sorted) members, so a rerun skips shards already on the store and
-tokenizes only the rest. A corrupt or non-image file is logged by name, counted and skipped; the job
+tokenizes only the rest. Shards use the default token codec (context): the writer holds the first
+~4 M tokens (all of CIFAR-10) until it has fitted and stored their model, so a run stopped before
+that starts over. A corrupt or non-image file is logged by name, counted and skipped; the job
 goes on. Sample id = the member's index in the sorted source.
 
 Where it runs, said in the log: one tokenizer per actor, one GPU per actor when the cluster has GPUs;

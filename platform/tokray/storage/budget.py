@@ -1,7 +1,8 @@
 """Storage budgets: materialize a class-stratified, seeded subset that fits a byte or sample budget.
 
 The same seed gives the same per-class order, so a smaller budget's subset is contained in a
-larger one's (nested budgets make storage-vs-accuracy sweeps comparable).
+larger one's (nested budgets make storage-vs-accuracy sweeps comparable). Bytes are those of the
+codec the subset is written with, its fitted model included (a context-coded subset fits its own).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import re
 
 import numpy as np
 
-from tokray.storage.dataset import Dataset, DatasetWriter, manifest_digest, open_dataset, refuse_same_location
+from tokray.storage.dataset import (Dataset, DatasetWriter, carry_side_files, manifest_digest, open_dataset,
+                                    refuse_same_location, stored_meta)
 from tokray.storage.manifest import Manifest
 from tokray.storage.memory import MemoryStore
+from tokray.storage.uri import parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +90,7 @@ def _iter_selected(ds: Dataset, selected: np.ndarray, starts: np.ndarray):
 
 def _write_selection(writer: DatasetWriter, ds: Dataset, selected: np.ndarray, starts: np.ndarray) -> Manifest:
     """The dataset's side files and selected rows into ``writer``; the manifest ``commit`` would write."""
-    for name in ds.manifest.files:
-        writer.add_file(name, ds.read_file(name))
+    carry_side_files(ds, writer)
     for part in _iter_selected(ds, selected, starts):
         writer.write_table(part)
     return writer.finish()
@@ -99,10 +101,12 @@ def _estimated_bytes(ds: Dataset, selected: np.ndarray, starts: np.ndarray, meta
     return _write_selection(DatasetWriter("<memory>", meta, store=MemoryStore()), ds, selected, starts).store_bytes
 
 
-def make_subset(src, dst, budget: Budget, seed: int = 0, overwrite: bool = False) -> Manifest:
-    """Write the subset of ``src`` that fits ``budget`` to ``dst``; its store bytes never exceed it."""
+def make_subset(src, dst, budget: Budget, seed: int = 0, overwrite: bool = False, codec: str | None = None) -> Manifest:
+    """Write the subset of ``src`` that fits ``budget`` to ``dst``; its store bytes never exceed it. ``codec``:
+    of the subset's shards (tokens: context | parquet; None: the default for new datasets)."""
     ds = open_dataset(src)
     refuse_same_location(ds, dst)
+    dst_scheme = parse_uri(dst).scheme
     labels, starts = _positions(ds)
     num_classes = len(ds.meta.class_names)
     order = stratified_order(labels, num_classes, seed)
@@ -121,7 +125,8 @@ def make_subset(src, dst, budget: Budget, seed: int = 0, overwrite: bool = False
         extra = {**ds.meta.extra, "subset": {"budget": str(budget), "budget_bytes": limit, "seed": seed,
                                              "samples": count, "source_samples": total,
                                              "source_store_bytes": ds.manifest.store_bytes}}
-        return dataclasses.replace(ds.meta, extra=extra)
+        # estimated (in memory) with the codec the destination will hold
+        return stored_meta(ds.format.with_codec(dataclasses.replace(ds.meta, extra=extra), codec), dst_scheme)
 
     if limit is not None:
         n = _fit_count(ds, order, sizes, starts, n, limit, meta_for)

@@ -1,16 +1,19 @@
 """Datasets of any record kind on any store: open, read (verified), write (streamed, resumable), copy, verify.
 
 Written once for every kind: the manifest's metadata names the record format
-(``tokray.storage.formats``), which turns tables into shard bytes and back.
+(``tokray.storage.formats``), which turns tables into shard bytes and back, through the dataset's
+shard codec (``RecordFormat.bind``: e.g. context-coded token shards and their model).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from typing import Iterator
 
@@ -18,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from tokray.storage.cache import ShardCache
-from tokray.storage.formats import LABEL, format_of
+from tokray.storage.formats import LABEL, PARQUET, format_of
 from tokray.storage.lmdbstore import LMDBStore
 from tokray.storage.manifest import MANIFEST_NAME, PROGRESS_NAME, Manifest, ShardInfo, meta_from_json, meta_to_json
 from tokray.storage.stores import ShardChecksumError, Store, open_store, same_location, sha256
@@ -29,13 +32,36 @@ log = logging.getLogger(__name__)
 RESERVED_NAMES = (MANIFEST_NAME, PROGRESS_NAME)
 
 
+@dataclasses.dataclass(frozen=True)
+class CodecStats:
+    """What a dataset's shard codec costs and how fast it decodes (``Dataset.codec_stats``)."""
+
+    codec: str  # context | parquet (shards), or lmdb (per-record values)
+    format_version: int
+    bytes_per_sample: float  # store bytes (manifest and side files included) per sample
+    measured_samples: int  # the samples of the shards measured below
+    decode_samples_per_s: float  # stored bytes -> Arrow table, per CPU second of one thread (one core)
+    units_per_sample: int = 0  # tokens per sample; 0 for kinds not made of symbols (pixels)
+    order0_bits: float | None = None  # per token: the bound for coding each token on its own
+    stored_bits: float | None = None  # per token: every stored byte (8 * store bytes / tokens)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def stored_meta(meta, scheme: str):
+    """``meta`` as a store of URI ``scheme`` keeps it: LMDB holds one value per record (random access),
+    never coded shards, so its datasets are Parquet-era format 1 whatever codec was asked for."""
+    return format_of(meta).with_codec(meta, PARQUET) if scheme == "lmdb" else meta
+
+
 class Dataset:
     """A complete dataset (its manifest exists). Every shard read is checked against its sha256."""
 
     def __init__(self, store: Store, manifest: Manifest):
         self.store = store
         self.manifest = manifest
-        self.format = format_of(manifest.meta)
+        self.format = format_of(manifest.meta).bind(manifest.meta, self.read_file)
 
     @property
     def uri(self) -> str:
@@ -111,6 +137,40 @@ class Dataset:
                              f"Copy it: `python jobs/dataset.py copy {self.uri} lmdb:///path/to/env`")
         return self.store.get_many(sample_ids, self.manifest.shards, self.format, self.meta)
 
+    @property
+    def codec(self) -> str:
+        return "lmdb" if isinstance(self.store, LMDBStore) else self.format.codec(self.meta)
+
+    def codec_stats(self, max_shards: int | None = None, repeats: int = 3) -> CodecStats:
+        """Bits and decode speed of the dataset's codec, measured on its first ``max_shards`` shards (None:
+        all): decode = the verified stored bytes to the Arrow table, best of ``repeats``, CPU time of this
+        thread (LMDB: the records' scan too)."""
+        m = self.manifest
+        shards = range(len(m.shards) if max_shards is None else min(max_shards, len(m.shards)))
+        tables, cpu = [], 0.0
+        for i in shards:
+            info = m.shards[i]
+            if isinstance(self.store, LMDBStore):
+                decode = functools.partial(self.store.read_shard, info, self.format, self.meta)
+            else:
+                decode = functools.partial(self.format.decode_shard, self.store.read_shard_bytes(info))
+            tables.append(decode())  # the first decode also builds the codec's tables
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.thread_time()
+                decode()
+                best = min(best, time.thread_time() - t0)
+            cpu += best
+        rows = sum(t.num_rows for t in tables)
+        units = self.format.unit_stats(self.meta, tables)
+        total_units = m.num_samples * units[0] if units else 0
+        return CodecStats(codec=self.codec, format_version=self.format.format_version(self.meta),
+                          bytes_per_sample=m.store_bytes / max(1, m.num_samples), measured_samples=rows,
+                          decode_samples_per_s=rows / cpu if cpu > 0 else 0.0,
+                          units_per_sample=units[0] if units else 0,
+                          order0_bits=units[1] if units and rows else None,
+                          stored_bits=8 * m.store_bytes / total_units if total_units else None)
+
     def verify(self, on_shard=None) -> list[str]:
         """Check every shard; return one line per problem (empty when the dataset is intact)."""
         problems = []
@@ -150,25 +210,28 @@ def open_dataset(uri, cache: ShardCache | None | bool = None) -> Dataset:
 class DatasetWriter:
     """Streams records into shards of ``meta.shard_rows`` rows; the manifest is written last.
 
-    ``meta`` (TokenMeta, PixelMeta, ...) fixes the record format. Memory is one shard's rows. Each
+    ``meta`` (TokenMeta, PixelMeta, ...) fixes the record format and its shard codec. Memory is one
+    shard's rows; a codec with a model (tokens: ``context``) first holds back the rows it is fitted on
+    (``fit_rows``: the first ~4 M tokens), fits it, stores it as a side file, then writes them. Each
     finished shard is recorded in ``_progress.json``; a rerun with the same meta skips shards that
-    are already on the store with the right digest (``shard_done``), so callers can also skip
-    producing them. ``overwrite`` clears whatever is there first: a complete dataset or an
-    interrupted write. Use as a context manager: an exception leaves the progress (for resume) and
-    no manifest.
+    are already on the store with the right digest (``shard_done``) and codes the rest with the model
+    stored before them, so callers can also skip producing them. ``overwrite`` clears whatever is
+    there first: a complete dataset or an interrupted write. Use as a context manager: an exception
+    leaves the progress (for resume) and no manifest.
     """
 
     def __init__(self, uri, meta, overwrite: bool = False, store: Store | None = None, source: str = ""):
         """``source``: what the records come from (e.g. the source manifest's digest): a rerun that
         would resume an interrupted write from another source is refused, naming both."""
         self.store = store if store is not None else open_store(uri)
-        self.meta = meta
-        self.format = format_of(meta)
+        self.meta = stored_meta(meta, self.store.uri.scheme)
+        self.format = format_of(self.meta)  # bound to the codec's files once they exist (_bind_codec)
         self.source = source
         self.store.check(for_write=True)
         self._lock = self.store.writer_lock()
         self._lock.__enter__()  # held until commit, or until the with-block ends
         self._final: Store | None = None  # the location a replacing write swaps into at commit
+        self._replaced_files: list[str] = []  # side files of the dataset a replacing write supersedes
         try:
             self._prepare_destination(overwrite)
             self.files: dict[str, dict] = {}
@@ -179,6 +242,10 @@ class DatasetWriter:
         self._buf: list[pa.Table] = []
         self._buffered = 0
         self._next = 0
+        self._held: dict[int, pa.Table] = {}  # shards waiting for the codec to be fitted
+        self._file_data: dict[str, bytes] = {}  # codec files this writer stored
+        self._bound = False
+        self._bind_codec()
         self.manifest: Manifest | None = None  # set by close()
         if self.done:
             log.info("resuming the write to %s: %d shards already present and intact",
@@ -206,10 +273,12 @@ class DatasetWriter:
             self.store = LMDBStore(parse_uri(f"lmdb://{self.store.uri.path}.staging-{uuid.uuid4().hex[:8]}"))
             self.store.check(for_write=True)
         else:
+            self._replaced_files = _side_file_paths(self.store.read_meta(MANIFEST_NAME))
             self.store.new_generation()
 
     def discard(self) -> None:
         """Drop what this write stored (a replaced dataset stays as it was) and release the destination."""
+        self._held = {}
         if self._final is not None:
             self.store.close()
             shutil.rmtree(self.store.uri.path, ignore_errors=True)
@@ -267,9 +336,18 @@ class DatasetWriter:
         return index in self.done
 
     def add_file(self, name: str, data: bytes) -> None:
-        """Store a side file (e.g. a codebook) with the dataset; listed and digested in the manifest."""
+        """Store a side file (e.g. a codebook) with the dataset; listed and digested in the manifest.
+
+        A codec file (``codec_files``, e.g. another dataset's context model, carried along by a loop over
+        its side files) is not taken: this writer fits its own to the rows it writes."""
         if name in RESERVED_NAMES or name.endswith(".parquet") or "/" in name or name.startswith(("g-", "_", ".")):
             raise ValueError(f"side file name {name!r} is reserved or not a plain name")
+        if name in self.format.codec_files(self.meta):
+            log.debug("not taking %s for %s: the writer fits the codec's own", name, self.store.uri)
+            return
+        self._store_file(name, data)
+
+    def _store_file(self, name: str, data: bytes) -> None:
         path = self.store.object_name(name)
         self.store.write_meta(path, data)
         self.files[name] = {"bytes": len(data), "sha256": sha256(data), **({"path": path} if path != name else {})}
@@ -294,22 +372,67 @@ class DatasetWriter:
         self.write_shard_table(self._next, head)
         self._next += 1
 
-    def write_shard(self, index: int, *columns) -> ShardInfo:
-        """Write shard ``index`` from the format's columns (skipped when already there, intact)."""
+    def write_shard(self, index: int, *columns) -> ShardInfo | None:
+        """Write shard ``index`` from the format's columns (skipped when already there, intact; see
+        ``write_shard_table``)."""
         return self.write_shard_table(index, self.format.records_to_table(self.meta, *columns))
 
-    def write_shard_table(self, index: int, table: pa.Table) -> ShardInfo:
-        """Write shard ``index`` (skipped when the same rows are already there, intact)."""
+    def write_shard_table(self, index: int, table: pa.Table) -> ShardInfo | None:
+        """Write shard ``index`` (skipped when the same rows are already there, intact). None while the
+        shard is held for fitting the codec (it is written once the model is stored, at the latest by
+        ``finish``)."""
         prev = self.done.get(index)
         sids = table.column("sample_id")
         if prev and prev.rows == table.num_rows and table.num_rows and \
                 prev.first_sample_id == sids[0].as_py() and prev.last_sample_id == sids[-1].as_py():
             return prev
         self.format.check_table(self.meta, table)
+        if not self._bound:
+            if not self._held:  # the settings are on the store from the first rows on, as with a written shard
+                self._save_progress()
+            self._held[index] = table.combine_chunks()
+            if sum(t.num_rows for t in self._held.values()) >= self.format.fit_rows(self.meta):
+                self._fit_codec()
+            return None
+        return self._put_shard(index, table)
+
+    def _put_shard(self, index: int, table: pa.Table) -> ShardInfo:
         info = self.store.write_shard(index, table.combine_chunks(), self.format)
         self.done[index] = info
         self._save_progress()
         return info
+
+    def _bind_codec(self) -> None:
+        """Code shards through the codec once its files are stored (fitted now, or by an interrupted write)."""
+        names = self.format.codec_files(self.meta)
+        if not self._bound and all(n in self.files for n in names):
+            self.format = self.format.bind(self.meta, self._codec_file)
+            self._bound = True
+
+    def _codec_file(self, name: str) -> bytes:
+        if name in self._file_data:
+            return self._file_data[name]
+        info = self.files[name]
+        data = self.store.read_meta(info.get("path", name))
+        if data is None or sha256(data) != info["sha256"]:  # a resumed write codes on with what is stored
+            raise ValueError(f"{self.store.uri}: the interrupted write's {name} is missing or damaged, and the "
+                             "shards already written were coded with it; rerun with --overwrite to start over")
+        return data
+
+    def _fit_codec(self) -> None:
+        """Fit the codec to the held shards (in index order), store its files, then write the shards."""
+        held = [self._held[i] for i in sorted(self._held)]
+        t0 = time.perf_counter()
+        for name, data in self.format.fit_codec(self.meta, held).items():
+            self._file_data[name] = data
+            self._store_file(name, data)
+        log.info("fitted the %s codec of %s on its first %d rows in %.1f s", self.format.codec(self.meta),
+                 self.store.uri, min(sum(t.num_rows for t in held), self.format.fit_rows(self.meta)),
+                 time.perf_counter() - t0)
+        self._bind_codec()
+        held, self._held = self._held, {}
+        for i in sorted(held):
+            self._put_shard(i, held[i])
 
     def _save_progress(self) -> None:
         progress = {"meta": meta_to_json(self.meta), "source": self.source, "files": self.files,
@@ -324,6 +447,8 @@ class DatasetWriter:
         """
         if self._buffered:
             self._flush(self._buffered)
+        if self._held:  # fewer rows than the codec would fit on: fit on all of them
+            self._fit_codec()
         if num_shards is None:
             num_shards = self._next if self._next else max(self.done, default=-1) + 1
         for i in [i for i in self.done if i >= num_shards]:
@@ -357,6 +482,10 @@ class DatasetWriter:
             self.store = self._final
         elif replacing:
             self.store.remove_unreferenced(manifest)  # the old generation, after the commit point
+            keep = set(_side_file_paths(manifest.dumps()))
+            for path in self._replaced_files:  # e.g. the old model, named only by the old manifest
+                if path not in keep:
+                    self.store.delete_meta(path)
         self._release()
         self.manifest = manifest
         log.info("wrote %s: %d samples in %d shards, %d bytes on the store",
@@ -365,6 +494,14 @@ class DatasetWriter:
 
     def close(self, num_shards: int | None = None) -> Manifest:
         return self.manifest if self.manifest is not None else self.commit(self.finish(num_shards))
+
+
+def _side_file_paths(manifest_bytes: bytes | None) -> list[str]:
+    try:
+        files = json.loads(manifest_bytes or b"{}").get("files", {})
+        return [f.get("path", name) for name, f in files.items()]
+    except (ValueError, AttributeError):  # a damaged manifest being replaced: nothing to name
+        return []
 
 
 def swap_in(staged: LMDBStore, final: LMDBStore) -> None:
@@ -387,13 +524,23 @@ def refuse_same_location(src: Dataset, dst) -> None:
                          "(--overwrite would replace the source while reading it)")
 
 
-def copy_dataset(src, dst, overwrite: bool = False, progress=None) -> Manifest:
-    """Copy shard by shard between any two stores, verifying every shard read."""
+def carry_side_files(source: Dataset, writer: DatasetWriter) -> None:
+    """The source's side files into ``writer``, except its codec's (the writer fits its own)."""
+    own = source.format.codec_files(source.meta)
+    for name in source.manifest.files:
+        if name not in own:
+            writer.add_file(name, source.read_file(name))
+
+
+def copy_dataset(src, dst, overwrite: bool = False, progress=None, codec: str | None = None) -> Manifest:
+    """Copy shard by shard between any two stores, verifying every shard read. ``codec``: of the copy's
+    shards (tokens: context | parquet; None: the default for new datasets); the ids, labels and sample
+    ids stay the same."""
     source = open_dataset(src)
     refuse_same_location(source, dst)
-    with DatasetWriter(dst, source.meta, overwrite=overwrite, source=manifest_digest(source)) as writer:
-        for name in source.manifest.files:
-            writer.add_file(name, source.read_file(name))
+    meta = source.format.with_codec(source.meta, codec)
+    with DatasetWriter(dst, meta, overwrite=overwrite, source=manifest_digest(source)) as writer:
+        carry_side_files(source, writer)
         for i in range(len(source.manifest.shards)):
             if not writer.shard_done(i):
                 writer.write_shard_table(i, source.read_shard(i))

@@ -2,6 +2,10 @@
 
 One manifest type for every record kind: ``kind`` (``tokray.tokens``, ``tokray.pixels``) picks the
 format whose metadata type reads the settings (``tokray.storage.formats``).
+
+``format_version`` 1: Parquet shards (every dataset before format 2, and LMDB). 2: the shards use a
+codec with a fitted model (tokens: ``codec: context``, the model a side file in ``files``). The
+version follows from the settings, so a tokray that reads only format 1 refuses format 2 by name.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any
 
 from tokray.storage.formats import format_for_kind, format_of
 
-FORMAT_VERSION = 1
+FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = "_progress.json"
 
@@ -84,7 +88,7 @@ class Manifest:
         return sum(f["bytes"] for f in self.files.values())
 
     def to_json(self) -> dict:
-        return {"format_version": FORMAT_VERSION, **meta_to_json(self.meta),
+        return {"format_version": self.format.format_version(self.meta), **meta_to_json(self.meta),
                 "num_samples": self.num_samples, "shard_bytes": self.shard_bytes,
                 "store_bytes": self.store_bytes, "files": self.files,
                 "shards": [dataclasses.asdict(s) for s in self.shards]}
@@ -103,16 +107,25 @@ class Manifest:
             raise ValueError(f"{where}: manifest.json holds a JSON {type(d).__name__}, not an object; it is not a "
                              "tokray manifest: re-create or re-copy the dataset")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in FORMAT_VERSIONS:
             raise ValueError(f"{where}: manifest format_version {version!r} is not supported; this tokray "
-                             f"reads format_version {FORMAT_VERSION}. Re-create the dataset with this "
-                             "version or upgrade tokray.")
+                             f"reads format_version {' and '.join(map(str, FORMAT_VERSIONS))}. Re-create the dataset "
+                             "with this version or upgrade tokray.")
         try:
             shards = tuple(ShardInfo(**s) for s in d["shards"])
             manifest = cls(meta=meta_from_json(d, where), num_samples=int(d["num_samples"]),
                            shards=shards, store_bytes=int(d.get("store_bytes", 0)), files=dict(d.get("files", {})))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{where}: manifest.json is missing or has a malformed field ({e!r})") from e
+        fmt = manifest.format
+        if version != fmt.format_version(manifest.meta):
+            raise ValueError(f"{where}: manifest format_version {version} does not match its codec "
+                             f"{fmt.codec(manifest.meta)!r} (format_version {fmt.format_version(manifest.meta)}); "
+                             "the manifest was edited or is damaged: re-create or re-copy the dataset")
+        missing = [f for f in fmt.codec_files(manifest.meta) if f not in manifest.files]
+        if missing:
+            raise ValueError(f"{where}: the {fmt.codec(manifest.meta)} codec needs the side file {missing[0]!r}, which "
+                             "the manifest does not list; re-create or re-copy the dataset")
         if sum(s.rows for s in shards) != manifest.num_samples:
             raise ValueError(f"{where}: manifest num_samples {manifest.num_samples} != sum of shard rows")
         check_shard_list(shards, where)

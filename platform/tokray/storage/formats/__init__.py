@@ -7,6 +7,11 @@ writer, reader, Ray Datasource and budgets are written once against this interfa
 
 Every format's table has ``label`` (int32) and ``sample_id`` (int64, stable) beside its payload.
 A new record kind is one module here plus one line in ``_FORMATS``.
+
+Shard codecs: a kind may offer more than one way to turn a table into shard bytes (tokens:
+``context`` and ``parquet``). A codec that needs a model fits it when the dataset is written, from
+the first rows (``fit_rows``, ``fit_codec``), and stores it as side files (``codec_files``); the
+reader and writer then code shards through ``bind``, the format bound to one dataset's files.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 LABEL, SAMPLE_ID = "label", "sample_id"
+PARQUET = "parquet"  # the codec every kind has: zstd Parquet shards (manifest format_version 1)
 
 # manifest kind -> "module:attribute" of the format object (imported on first use)
 _FORMATS = {"tokray.tokens": "tokray.storage.formats.tokens:FORMAT",
@@ -81,6 +87,41 @@ class RecordFormat(abc.ABC):
     @abc.abstractmethod
     def summary(self, meta) -> dict:
         """The fields ``jobs/dataset.py info`` shows for this kind, in order."""
+
+    def unit_stats(self, meta, tables: list[pa.Table]) -> tuple[int, float] | None:
+        """(units per sample, order-0 entropy in bits per unit) of the tables' payload, for kinds made of
+        symbols (tokens); None for the others."""
+        return None
+
+    # -- shard codecs (see the module docstring); the defaults: Parquet only, nothing to fit --------
+    def codec(self, meta) -> str:
+        return PARQUET
+
+    def format_version(self, meta) -> int:
+        """The manifest format_version of a dataset with this metadata."""
+        return 1
+
+    def with_codec(self, meta, codec: str | None):
+        """``meta`` for a new dataset whose shards use ``codec`` (None: this kind's default)."""
+        if codec not in (None, PARQUET):
+            raise ValueError(f"codec {codec!r}: {self.kind} datasets have one codec, {PARQUET}")
+        return meta
+
+    def codec_files(self, meta) -> tuple[str, ...]:
+        """Side files the writer fits for the codec (a copy or subset never carries the source's)."""
+        return ()
+
+    def fit_rows(self, meta) -> int:
+        """Rows the writer holds back to fit the codec on before it writes the first shard."""
+        return 0
+
+    def fit_codec(self, meta, tables: list[pa.Table]) -> dict[str, bytes]:
+        """The codec files (``codec_files``) fitted to the first rows of a dataset."""
+        return {}
+
+    def bind(self, meta, read_file) -> "RecordFormat":
+        """The format that codes one dataset's shards; ``read_file(name)`` returns a verified side file."""
+        return self
 
 
 def parquet_bytes(table: pa.Table, dictionary_columns: list[str]) -> bytes:
