@@ -37,7 +37,6 @@ NODE_ID_LABEL = "ray.io/node-id"  # every node's built-in label (ray._raylet.RAY
 READS_IN_FLIGHT = 2
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Ingest:
     """What a worker needs to read its part of any epoch from any position (the driver's ``plan_ingest``)."""
@@ -49,8 +48,12 @@ class Ingest:
     blocks: tuple = ()  # materialize: one ObjectRef of a verified shard table per shard, in manifest order
     trace_dir: str = ""  # non-empty: every read task appends the shards it read to <trace_dir>/rank<r>.jsonl
 
+    @property
+    def materialized(self) -> bool:
+        return self.mode == "materialize"
+
     def shard_table(self, i: int, dataset: Dataset | None) -> pa.Table:
-        if self.blocks:
+        if self.materialized:
             import ray
 
             return ray.get(self.blocks[i])
@@ -161,7 +164,7 @@ class _WindowSource(Datasource):
 
 def _window_reader(ingest: Ingest, epoch: int, w: Window, start: int, rank: int, world: int):
     def read() -> Iterable[pa.Table]:
-        ds = None if ingest.blocks else Dataset(open_store(ingest.uri), ingest.manifest)
+        ds = None if ingest.materialized else Dataset(open_store(ingest.uri), ingest.manifest)
         table = pa.concat_tables([ingest.shard_table(s, ds) for s in w.shards])
         rows = ingest.order.rank_rows(epoch, w, rank, world, start)
         if ingest.trace_dir:

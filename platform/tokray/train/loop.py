@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from tokray.train.plan import DataPosition, NonFiniteLoss, RunPlan
 from tokray.seeds import derive_seed
+from tokray.train.plan import DataPosition, NonFiniteLoss, RunPlan
 from tokray.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
