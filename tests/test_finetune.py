@@ -34,7 +34,8 @@ def mtm_run(smoke_mtm_run):
 @pytest.fixture(scope="module")
 def ft_run(mtm_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft")
-    res = run_job("jobs/finetune.py", "--smoke-test", "--init", str(mtm_run), "--out", str(out), timeout=600)
+    res = run_job("jobs/finetune.py", "--smoke-test", "--init", str(mtm_run), "--out", str(out), "--set", "val_every=4",
+                  timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return out, res
 
@@ -48,6 +49,7 @@ def test_finetune_loads_the_encoder_strictly_and_reports_top1(ft_run, mtm_run):
     r = _result(res)
     assert r["steps"] == 6 and r["init"] == str(mtm_run)
     assert r["val_samples"] == 5000 and 0.0 <= r["val_top1"] <= 100.0 and r["val_top1_ema"] is not None
+    assert log.count(": val top-1 ") == 2  # val_every=4 of 6 steps, inside the first epoch: at step 4 and the end
     assert list((out / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert json.loads((out / "config.json").read_text())["init"] == str(mtm_run)
 

@@ -38,10 +38,13 @@ def test_step_matched_protocol_trains_every_budget_the_same_steps():
     fixed = SweepConfig(recipes=("cifar_seitpp",), steps=780, mtm_steps=500)
     assert {r: {total_steps(t, s["samples"])[1] for x, t, s in _configs(fixed) if x["phase"] == r}
             for r in ("mtm", "finetune")} == {"mtm": {500}, "finetune": {780}}
+    # every fine-tuning run validates 8 times, whatever its epochs (a 10% subset: not at each of its ~50 ends)
+    assert {x["phase"]: t.val_every for x, t, s in _configs(fixed)} == {"mtm": 0, "finetune": 98}
 
     epochs = SweepConfig(recipes=("cifar_seit",), protocol="epochs")  # today's: same epochs, fewer steps
     totals = {b: total_steps(t, s["samples"])[1] for _, t, s in _configs(epochs) for b in [s["uri"]]}
     assert totals["/data/tokens-100%"] == 3 * (FULL // 256) and totals["/data/tokens-10%"] == 3 * (3_942 // 256)
+    assert {t.val_every for _, t, _ in _configs(epochs)} == {0}  # at every epoch end
     with pytest.raises(ValueError, match="--protocol 'days'"):
         SweepConfig(protocol="days")
 

@@ -126,6 +126,7 @@ class TrainConfig:
     mix_switch_prob: float = 0.5  # with both on: chance of CutMix instead of Mixup per batch
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # classify: > 0 keeps an EMA of the weights and reports its top-1 too
+    val_every: int = 0  # classify: validate every N steps (and at the end); 0 = at the end of every epoch
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)  # token augmentation (default: off)
     codebook_stem: bool = False  # SeiT: the token embedding is the tokenizer's codebook, frozen
     tokenizer: str = ""  # the tokenizer whose codebook augmentation uses; "" = the dataset's codebook file or the embedded one
@@ -167,6 +168,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be a finite number >= 0, got {self.epochs}")
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0 (0 = no cap), got {self.max_steps}")
+        if self.val_every < 0:
+            raise ValueError(f"val_every must be >= 0 (0 = every epoch end), got {self.val_every}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("set epochs > 0 or max_steps > 0")
         for name in ("lr", "min_lr", "weight_decay"):

@@ -205,7 +205,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     log.info("step %d/%d loss %.4f lr %.2e %.0f samples/s data-wait %.1f%% ETA %.0fs", step, total,
                              metrics["loss"], lr, metrics["samples_per_s"], metrics["data_wait_pct"], metrics["eta_s"])
-            if val is not None and (position.samples == 0 or step == total):
+            val_due = step % cfg.val_every == 0 if cfg.val_every else position.samples == 0
+            if val is not None and (val_due or step == total):
                 score = lambda m, b: task.top1(m, b, device, rank, world)  # noqa: E731
                 metrics.update(_validate(raw, ema, lambda: task.iter_batches(val, micro), score))
                 if rank == 0:
