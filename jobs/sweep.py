@@ -6,6 +6,7 @@ reference: the storage-vs-accuracy table; optionally a Tune search over training
   python jobs/sweep.py --budgets 100% 10% --recipes cifar_seit cifar_seitpp --steps 780 --asha
   python jobs/sweep.py --budgets 10% --recipes cifar_seitpp --space docs/sweep/space-aug.yaml --num-samples 8
   python jobs/sweep.py --preset gpu --images TAR                              # paper-like length, 4 trials per GPU
+  python jobs/sweep.py --images ../shared/datasets/cifar10-train.tar --report # the trials finished so far
   python jobs/sweep.py --smoke-test                                          # a two-trial sweep in seconds
 
 Phases: (1) one class-stratified token subset per budget (bytes on the store never above the budget);
@@ -71,6 +72,9 @@ def main() -> int:
                    help="how every trial reads its training set (README, 'Training ingest'; default auto)")
     p.add_argument("--severity", type=int, help="corruption severity 1-5 (default 3)")
     p.add_argument("--results-dir", help="where results.md/.csv/.png go (default: --out)")
+    p.add_argument("--report", action="store_true",
+                   help="write the results of the trials finished so far (of a running or interrupted sweep, the\n"
+                        "same flags) and run nothing")
     p.add_argument("--smoke-test", action="store_true", help="a two-trial sweep with a tiny model: seconds")
     from tokray.train.launch import add_override_args, add_tracking_args
 
@@ -83,7 +87,7 @@ def main() -> int:
     from tokray.runtime import init_ray
     from tokray.sweep.plan import SweepConfig, full_set_samples, materialize_subsets, mtm_runs, preset, token_trials
     from tokray.sweep.report import write_results
-    from tokray.sweep.run import run_phase, run_search
+    from tokray.sweep.run import finished_rows, run_phase, run_search
     from tokray.sweep.space import load_space
 
     fields = {"out": args.out, "data": args.data, "eval_data": args.eval_data, "images": args.images,
@@ -105,21 +109,27 @@ def main() -> int:
     init_ray()
     subsets = materialize_subsets(cfg)
     full = full_set_samples(cfg)
-    run_phase("mtm", mtm_runs(cfg, subsets, full), cfg)
+    if not args.report:
+        run_phase("mtm", mtm_runs(cfg, subsets, full), cfg)
     tokens, pixels = token_trials(cfg, subsets, full), []
     if cfg.images:
         from tokray.sweep.pixels import full_pixel_trial, pixel_trials
 
         pixels = (pixel_trials(cfg, subsets, full) if cfg.pixel_sizes else []) + \
                  ([full_pixel_trial(cfg, full)] if cfg.full_pixels else [])
-    if cfg.space:
+    if args.report:
+        rows = finished_rows(tokens + pixels, cfg)
+    elif cfg.space:
         rows = run_search(tokens, cfg) + run_phase("finetune", pixels, cfg, use_asha=cfg.asha)
     else:
         rows = run_phase("finetune", tokens + pixels, cfg, use_asha=cfg.asha)
     length = (f"{rows[0]['steps']:,} steps per run" if cfg.protocol == "steps" and rows
               else f"{cfg.epochs:g} fine-tuning epochs")
+    planned = len(tokens) * (cfg.num_samples if cfg.space and cfg.search != "grid" else 1) + len(pixels)
+    partial = f" ({len(rows)} of {planned} trials finished)" if args.report and len(rows) < planned else ""
     res = write_results(rows, args.results_dir or os.path.abspath(cfg.out), protocol=cfg.protocol,
-                        title=f"CIFAR-10 tokens vs pixels, {cfg.protocol}-matched, {length}")
+                        title=f"CIFAR-10 tokens vs pixels, {cfg.protocol}-matched, {length}{partial}",
+                        command=_command_line())
     print_table(res["rows"], ["budget", "store_bytes", "pct_jpeg", "method", "protocol", "steps", "top1",
                               "top1_gaussian_noise", "top1_gaussian_blur", *(p.key for p in cfg.space)])
     return print_result({"results_md": res["md"], "results_csv": res["csv"], "plot": res["png"],
@@ -127,6 +137,14 @@ def main() -> int:
                          "failed": sum(1 for r in rows if r.get("error")),
                          "rows": [{k: r[k] for k in ("budget", "store_bytes", "method", "protocol", "steps", "top1")}
                                   for r in res["rows"]]})
+
+
+def _command_line() -> str:
+    """This job's command as a user would retype it (--report stripped: the results are the sweep's)."""
+    import shlex
+    import sys
+
+    return "python " + shlex.join(["jobs/sweep.py", *(a for a in sys.argv[1:] if a != "--report")])
 
 
 def _with_trial_overrides(cfg, args):

@@ -27,7 +27,7 @@ def test_second_pass_reads_nothing_from_s3(s3_server, s3_bucket, tmp_path, monke
     ds = open_dataset(uri)
     second = np.concatenate([b["ids"] for b in ds.iter_batches()])
     assert _shard_gets(s3_server, since) == []
-    assert ds.store.cache.hits == 6
+    assert ds.store.cache.hits == 6 + 2  # the shards, the manifest and the context model
     np.testing.assert_array_equal(first, second)
 
 
@@ -77,3 +77,24 @@ def test_processes_share_the_cache_safely(s3_server, s3_bucket, tmp_path, monkey
         assert p.exitcode == 0
     assert results == [expected] * 3
     assert ShardCache(str(tmp_path / "cache"), limit).used_bytes() <= limit
+
+
+def test_a_cached_dataset_opens_and_reads_with_one_list(s3_server, s3_bucket, tmp_path, monkeypatch):
+    """Its manifest (by ETag) and context model (by digest) come from the cache too: one LIST validates all."""
+    monkeypatch.setenv("TOKRAY_CACHE_BYTES", str(10 * 2**20))
+    uri = f"s3://{s3_bucket}/ds"
+    write_synth(uri, samples=3000, shard_rows=500)
+    assert open_dataset(uri).codec == "context"
+    first = np.concatenate([b["ids"] for b in open_dataset(uri).iter_batches()])
+
+    since = s3_server.log_offset()
+    second = np.concatenate([b["ids"] for b in open_dataset(uri).iter_batches()])
+    assert len(s3_server.requests(since)) == 1 and "list-type=2" in s3_server.requests(since)[0][1]
+    np.testing.assert_array_equal(first, second)
+
+    # a rewritten dataset (new manifest ETag) is read anew, not answered from the old entries
+    write_synth(f"s3://{s3_bucket}/other", samples=1000, shard_rows=500, seed=1)
+    from tokray.storage.dataset import copy_dataset
+
+    copy_dataset(f"s3://{s3_bucket}/other", uri, overwrite=True)
+    assert len(open_dataset(uri)) == 1000

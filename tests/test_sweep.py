@@ -32,12 +32,21 @@ def test_smoke_sweep_writes_table_and_plot_and_resumes(tmp_path):
         tokens, pixels = sorted(rows, key=lambda r: r["method"].startswith("pixels"))
         assert pixels["method"].startswith("pixels") and int(pixels["store_bytes"]) <= int(tokens["store_bytes"])
         assert all(r["top1_gaussian_noise"] and r["top1_gaussian_blur"] for r in rows)
-    assert (tmp_path / "results.md").read_text().startswith("| budget |")
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("# CIFAR-10 tokens vs pixels") and "Made by `python jobs/sweep.py --smoke-test" in md
+    assert "| budget |" in md
 
     again = run_job(*args, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "restoring the Tune experiment" in again.stdout + again.stderr
     assert [r["top1"] for r in _result(again)["rows"]] == [r["top1"] for r in res["rows"]]
+
+    # --report: the finished trials' results, written elsewhere, without running any
+    report = run_job(*args, "--report", "--results-dir", str(tmp_path / "report"), timeout=900)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert [r["top1"] for r in _result(report)["rows"]] == [r["top1"] for r in res["rows"]]
+    assert "Started training worker group" not in report.stdout + report.stderr
+    assert (tmp_path / "report" / "results.csv").read_text() == (tmp_path / "results.csv").read_text()
 
     changed = run_job(*args, "--epochs", "2", timeout=900)
     assert changed.returncode == 2 and "started with other settings" in changed.stderr, changed.stderr[-2000:]

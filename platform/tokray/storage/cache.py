@@ -63,6 +63,22 @@ class ShardCache:
             return 0
         return sum(size for _, size, _ in self._entries())
 
+    def get_versioned(self, name: str, version: str, fetch: Callable[[], bytes],
+                      valid: Callable[[bytes], bool]) -> bytes:
+        """Bytes of the object ``name`` as of ``version`` (e.g. an S3 key and its ETag), for objects whose
+        digest is learnt only by reading them (a manifest). ``valid`` checks bytes against the version;
+        fetched bytes that fail it are returned but not cached."""
+        address = "v-" + sha256(name.encode())[:40]
+        data = self._guarded(lambda: self._read(address, version, valid), "read")
+        if data is not None:
+            self.hits += 1
+            return data
+        self.misses += 1
+        data = fetch()
+        if valid(data):
+            self._guarded(lambda: self._insert(address, data, version), "write")
+        return data
+
     def get(self, digest: str, fetch: Callable[[], bytes],
             on_corrupt: Callable[[str], Exception] | None = None, tag: str = "") -> bytes:
         """Bytes of the entry ``digest`` (``tag``: e.g. the object's ETag; another tag is another
@@ -90,14 +106,14 @@ class ShardCache:
                 self._warned = True
             return None
 
-    def _read(self, digest: str, tag: str = "") -> bytes | None:
+    def _read(self, digest: str, tag: str = "", valid: Callable[[bytes], bool] | None = None) -> bytes | None:
         path = self._path(digest, tag)
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             return None
-        if sha256(data) != digest:
+        if not (valid(data) if valid else sha256(data) == digest):
             log.warning("cache entry %s is corrupt on local disk; dropping it and re-fetching", path)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)

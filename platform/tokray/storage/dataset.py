@@ -109,10 +109,10 @@ class Dataset:
         """A side file of the dataset (e.g. its codebook), checked against its recorded sha256."""
         if name not in self.manifest.files:
             raise FileNotFoundError(f"{self.uri} has no file {name!r}; it has: {sorted(self.manifest.files) or 'none'}")
-        data = self.store.read_meta(self.manifest.files[name].get("path", name))
+        want = self.manifest.files[name]["sha256"]
+        data = self.store.read_file(self.manifest.files[name].get("path", name), want)
         if data is None:
             raise FileNotFoundError(f"{self.uri}: {name} is in the manifest but missing from the store")
-        want = self.manifest.files[name]["sha256"]
         if sha256(data) != want:
             raise ShardChecksumError(self.uri, name, want, sha256(data))
         return data

@@ -10,7 +10,7 @@ import time
 import uuid
 
 from tokray.storage.cache import ShardCache, default_cache, env_number
-from tokray.storage.stores import FileStore, ShardChecksumError, StoreUnavailableError, WriterLockedError
+from tokray.storage.stores import MANIFEST_NAME, FileStore, ShardChecksumError, StoreUnavailableError, WriterLockedError
 from tokray.storage.uri import StoreURI
 
 LOCK_NAME = "_writer.lock"
@@ -128,20 +128,49 @@ class S3Store(FileStore):
     def _list_all(self):
         return sorted(self._listing())
 
+    def read_meta(self, name):
+        if self.cache is None or name != MANIFEST_NAME:
+            return super().read_meta(name)
+        # opening a dataset: one LIST (kept for the shard reads) names the manifest's ETag, so a cached
+        # dataset opens in one request, not a GET of the manifest and of each side file plus the LIST
+        self._objects = self._listing()
+        if name not in self._objects:
+            return None
+        etag = self._objects[name][1]
+        return self.cache.get_versioned(self._key(name), etag, lambda: self._get(name),
+                                        lambda data: _is_md5_of(etag, data))
+
+    def read_file(self, path, digest):
+        if self.cache is None:
+            return super().read_file(path, digest)
+        try:
+            return self._cached(path, digest, lambda data: data)
+        except FileNotFoundError:
+            return None
+
     def read_shard_bytes(self, info):
         if self.cache is None:
             return super().read_shard_bytes(info)
-        if self._objects is None:
-            self._objects = self._listing()
-        size, etag = self._objects.get(info.path, (None, ""))
-        if size is None:
-            raise FileNotFoundError(f"{info.path} is not on {self.uri}")
-        if size != info.bytes:  # changed on the store: read it (and fail its digest), never the cached copy
+        listed = self._listed(info.path)
+        if listed is not None and listed[0] != info.bytes:
+            # changed on the store: read it (and fail its digest), never the cached copy
             return super().read_shard_bytes(info)
-        # the cache entry is the object as it was: same digest *and* same ETag
-        return self.cache.get(info.sha256, lambda: self._checked(info, self._get(info.path)), tag=etag,
-                              on_corrupt=lambda actual: ShardChecksumError(str(self.uri), info.path,
-                                                                           info.sha256, actual))
+        return self._cached(info.path, info.sha256, lambda data: self._checked(info, data),
+                            on_corrupt=lambda actual: ShardChecksumError(str(self.uri), info.path, info.sha256, actual))
+
+    def _listed(self, path: str) -> tuple[int, str] | None:
+        """(size, ETag) of an object from the listing: the first read lists the prefix once (unless opening the
+        dataset did), and again for an object it lacks (written after it)."""
+        if self._objects is None or path not in self._objects:
+            self._objects = self._listing()
+        return self._objects.get(path)
+
+    def _cached(self, path: str, digest: str, check, on_corrupt=None) -> bytes:
+        """An object through the cache tier: the entry is the object as it was, same digest *and* same ETag."""
+        listed = self._listed(path)
+        if listed is None:
+            raise FileNotFoundError(f"{path} is not on {self.uri}")
+        return self.cache.get(digest, lambda: check(self._get(path)), tag=listed[1], on_corrupt=on_corrupt)
 
     @contextlib.contextmanager
     def writer_lock(self):
@@ -173,6 +202,13 @@ class S3Store(FileStore):
             self._delete(LOCK_NAME)
 
 
+
+
+def _is_md5_of(etag: str, data: bytes) -> bool:
+    """A single-part upload's ETag is its MD5; multipart and SSE-KMS ETags are not (those are never cached)."""
+    import hashlib
+
+    return len(etag) == 32 and hashlib.md5(data).hexdigest() == etag.lower()
 
 
 def _holder_gone(held: dict, age: float) -> bool:

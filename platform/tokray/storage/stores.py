@@ -102,6 +102,11 @@ class Store(abc.ABC):
     def read_meta(self, name: str) -> bytes | None:
         ...
 
+    def read_file(self, path: str, digest: str) -> bytes | None:
+        """A side file a manifest names, with its sha256 (which the caller checks); None if absent. Remote
+        stores answer it from the cache tier."""
+        return self.read_meta(path)
+
     @abc.abstractmethod
     def write_meta(self, name: str, data: bytes) -> None:
         ...

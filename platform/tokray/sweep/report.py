@@ -206,15 +206,18 @@ def plot_space(rows: list[dict], keys: list[str], path: str, title: str = "top-1
     _save(fig, path)
 
 
-def write_results(trials: list[dict], out_dir: str, title: str = "storage vs top-1", protocol: str = "") -> dict:
+def write_results(trials: list[dict], out_dir: str, title: str = "storage vs top-1", protocol: str = "",
+                  command: str = "") -> dict:
     """results.md, results.csv and results.png in ``out_dir`` (each written atomically); with searched
-    settings also the best setting per budget (in results.md) and results-space.png."""
+    settings also the best setting per budget (in results.md) and results-space.png. results.md starts with
+    the title and the command that made it."""
     os.makedirs(out_dir, exist_ok=True)
     rows = result_rows(trials, protocol)
     keys = space_keys(trials)
     paths = {"md": os.path.join(out_dir, "results.md"), "csv": os.path.join(out_dir, "results.csv"),
              "png": os.path.join(out_dir, "results.png")}
-    md = f"{markdown(rows, keys)}\n{reference_line(rows)}\nTop-1 by budget:\n\n{pivot_markdown(rows)}"
+    head = f"# {title}\n\n" + (f"Made by `{command}`.\n\n" if command else "")
+    md = f"{head}{markdown(rows, keys)}\n{reference_line(rows)}\nTop-1 by budget:\n\n{pivot_markdown(rows)}"
     if keys:
         md += f"\nBest setting per budget:\n\n{best_settings(rows, keys)}"
     for key, text in (("md", md), ("csv", csv_text(rows, keys))):

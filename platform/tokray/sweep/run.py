@@ -114,6 +114,40 @@ def run_search(trials: list[dict], sweep) -> list[dict]:
     return sorted(rows, key=lambda r: r["out"])
 
 
+def finished_rows(trials: list[dict], sweep) -> list[dict]:
+    """The fine-tuning trials that have finished so far (of a running or interrupted sweep), read from their
+    Tune experiments without running anything: ``--report``."""
+    from ray import tune
+
+    storage = os.path.join(os.path.abspath(sweep.out), "tune")
+    keys = [p.key for p in sweep.space]
+    if sweep.space:  # one experiment per token trial; pixel trials are one "finetune" phase
+        tokens = [t for t in trials if t["kind"] == "tokens"]
+        phases = [(f"search-{os.path.basename(t['out'])}", [t], _searched_trial, {"trial": {**t, "space_keys": keys}})
+                  for t in tokens]
+        rest = [t for t in trials if t["kind"] != "tokens"]
+    else:
+        phases, rest = [], trials
+    if rest:
+        phases.append(("finetune", rest, _indexed_trial, {"trials": rest}))
+    rows = []
+    for name, listed, fn, kw in phases:
+        path = os.path.join(storage, name)
+        if not tune.Tuner.can_restore(path):
+            continue
+        trainable = _with_resources(tune.with_parameters(fn, sweep=dataclasses.asdict(sweep), **kw))
+        for r in tune.Tuner.restore(path, trainable).get_results():
+            if not (r.metrics or {}).get("done"):
+                continue
+            if name == "finetune":
+                rows.append(_row(listed[r.config["index"]], r, name))
+            else:
+                trial_id = r.metrics.get("trial_id") or os.path.basename(r.path)
+                rows.append({**_row({**listed[0], "out": os.path.join(listed[0]["out"], trial_id)}, r, name),
+                             "space": {k: r.config.get(k) for k in keys}})
+    return sorted(rows, key=lambda r: r["out"])
+
+
 def _pin_plan(storage: str, name: str, trials: list[dict], sweep) -> None:
     """Tune restores trials by index into this list (and searches by their space): a rerun with other settings
     must not reuse the state."""
