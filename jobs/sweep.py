@@ -85,9 +85,10 @@ def main() -> int:
     import dataclasses
 
     from tokray.runtime import init_ray
-    from tokray.sweep.plan import SweepConfig, full_set_samples, materialize_subsets, mtm_runs, preset, token_trials
+    from tokray.sweep.plan import (SweepConfig, full_set_samples, materialize_subsets, mtm_runs, preset, run_order,
+                                   token_trials)
     from tokray.sweep.report import write_results
-    from tokray.sweep.run import finished_rows, run_phase, run_search
+    from tokray.sweep.run import finished_rows, require_finished, run_phase, run_search
     from tokray.sweep.space import load_space
 
     fields = {"out": args.out, "data": args.data, "eval_data": args.eval_data, "images": args.images,
@@ -110,19 +111,21 @@ def main() -> int:
     subsets = materialize_subsets(cfg)
     full = full_set_samples(cfg)
     if not args.report:
-        run_phase("mtm", mtm_runs(cfg, subsets, full), cfg)
+        require_finished(run_phase("mtm", mtm_runs(cfg, subsets, full), cfg), "MTM pre-training")
     tokens, pixels = token_trials(cfg, subsets, full), []
     if cfg.images:
         from tokray.sweep.pixels import full_pixel_trial, pixel_trials
 
         pixels = (pixel_trials(cfg, subsets, full) if cfg.pixel_sizes else []) + \
                  ([full_pixel_trial(cfg, full)] if cfg.full_pixels else [])
+    trials = run_order(cfg, tokens + pixels)
     if args.report:
-        rows = finished_rows(tokens + pixels, cfg)
+        rows = finished_rows(trials, cfg)
     elif cfg.space:
-        rows = run_search(tokens, cfg) + run_phase("finetune", pixels, cfg, use_asha=cfg.asha)
+        rows = run_search(tokens, cfg) + run_phase("finetune", [t for t in trials if t["kind"] != "tokens"], cfg,
+                                                   use_asha=cfg.asha)
     else:
-        rows = run_phase("finetune", tokens + pixels, cfg, use_asha=cfg.asha)
+        rows = run_phase("finetune", trials, cfg, use_asha=cfg.asha)
     length = (f"{rows[0]['steps']:,} steps per run" if cfg.protocol == "steps" and rows
               else f"{cfg.epochs:g} fine-tuning epochs")
     planned = len(tokens) * (cfg.num_samples if cfg.space and cfg.search != "grid" else 1) + len(pixels)

@@ -155,3 +155,34 @@ def test_full_pixel_reference_is_every_training_image_at_its_own_size(tmp_path):
     assert t["jpeg_bytes"] == ImageSource(images).file_bytes(ids) and t["store_bytes"] > 0
     assert t["steps"] == 3 * (40_000 // 256) and t["eval_data"].endswith("pixels-val-32px-q75")
     assert full_pixel_trial(cfg, 40_000, ids=ids) == t  # a rerun reuses the written stores
+
+
+def test_an_interrupted_or_failed_phase_stops_the_sweep_before_the_next():
+    """Tune's fit() returns after a SIGINT: unfinished trials must not let fine-tuning start on half-trained MTM."""
+    from tokray.sweep.run import _stop_if_interrupted, require_finished
+
+    class Grid(list):  # what _stop_if_interrupted reads of Ray's ResultGrid: its length and two counts
+        def __init__(self, statuses):
+            super().__init__(statuses)
+            self.num_terminated, self.num_errors = statuses.count("TERMINATED"), statuses.count("ERROR")
+
+    _stop_if_interrupted("mtm", Grid(["TERMINATED", "TERMINATED", "ERROR"]))  # finished (or ASHA-stopped) and failed
+    with pytest.raises(KeyboardInterrupt, match="mtm: 1 trials unfinished"):
+        _stop_if_interrupted("mtm", Grid(["TERMINATED", "RUNNING"]))
+    require_finished([{"out": "/s/mtm/a", "done": True}], "MTM pre-training")
+    with pytest.raises(ValueError, match="MTM pre-training /s/mtm/b failed .*rerun the same command"):
+        require_finished([{"out": "/s/mtm/a", "done": True}, {"out": "/s/mtm/b", "error": "OOM"}], "MTM pre-training")
+    with pytest.raises(ValueError, match="MTM pre-training /s/mtm/c did not finish"):
+        require_finished([{"out": "/s/mtm/c", "step": 400}], "MTM pre-training")
+
+
+def test_trials_start_with_the_full_pixel_reference_then_budget_by_budget():
+    """A sweep stopped part-way has the reference and whole rows for its largest budgets."""
+    from tokray.sweep.plan import run_order
+
+    cfg = SweepConfig(recipes=("cifar_seit", "cifar_seitpp"))
+    pixels = [{"kind": "pixels", "budget": b, "method": "pixels 32px"} for b in ("100%", "30%", "10%")]
+    trials = token_trials(cfg, SUBSETS, FULL) + pixels + [{"kind": "pixels", "budget": "100%", "method": "pixels-full"}]
+    per_budget = ["cifar_seit", "cifar_seitpp", "pixels 32px"]
+    assert [(t["budget"], t["method"]) for t in run_order(cfg, trials)] == \
+        [("100%", "pixels-full")] + [(b, m) for b in ("100%", "30%", "10%") for m in per_budget]

@@ -181,6 +181,15 @@ def token_trials(cfg: SweepConfig, subsets: dict, full_samples: int) -> list[dic
     return trials
 
 
+def run_order(cfg: SweepConfig, trials: list[dict]) -> list[dict]:
+    """The order fine-tuning trials start in: the full-pixel reference, then budget by budget as given (largest
+    first by default), token recipes before their pixel baseline; a sweep stopped part-way then has whole rows
+    for its first budgets and the ratio to full pixels."""
+    rank = {b: i for i, b in enumerate(cfg.budgets)}
+    return sorted(trials, key=lambda t: (t.get("method") != "pixels-full", rank.get(t["budget"], len(rank)),
+                                         t["kind"] != "tokens"))
+
+
 def run_overrides(cfg: SweepConfig, trial: dict) -> dict:
     """The config fields a sweep sets on a recipe: its data, run dir, length and one worker per trial."""
     steps = trial.get("steps") or 0

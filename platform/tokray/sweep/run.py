@@ -83,8 +83,27 @@ def run_phase(name: str, trials: list[dict], sweep, use_asha: bool = False) -> l
     trainable = _with_resources(tune.with_parameters(_indexed_trial, trials=trials, sweep=dataclasses.asdict(sweep)))
     tuner = _tuner(name, trainable, sweep, {"index": tune.grid_search(list(range(len(trials))))},
                    scheduler=_scheduler(sweep, trials) if use_asha else None)
-    rows = [_row(trials[r.config["index"]], r, name) for r in tuner.fit()]
-    return sorted(rows, key=lambda r: r["out"])
+    grid = tuner.fit()
+    _stop_if_interrupted(name, grid)
+    return sorted((_row(trials[r.config["index"]], r, name) for r in grid), key=lambda r: r["out"])
+
+
+def _stop_if_interrupted(name: str, grid) -> None:
+    """Tune returns from fit() when interrupted (SIGINT) with trials neither terminated (finished, or stopped by
+    ASHA) nor errored: the sweep stops there, not going on to the next phase (fine-tuning a half-trained MTM
+    checkpoint) or writing a table that looks complete."""
+    if len(grid) > grid.num_terminated + grid.num_errors:
+        raise KeyboardInterrupt(f"{name}: {len(grid) - grid.num_terminated - grid.num_errors} trials unfinished")
+
+
+def require_finished(rows: list[dict], what: str) -> None:
+    """Every run of a phase others build on ran to its end (a failed or stopped MTM pre-training must not be
+    fine-tuned)."""
+    failed = [r for r in rows if not r.get("done")]
+    if failed:
+        why = f"failed ({failed[0]['error']})" if failed[0].get("error") else "did not finish"
+        raise ValueError(f"{what} {failed[0]['out']} {why}; the trials that fine-tune it cannot run. Fix the cause "
+                         f"and rerun the same command: finished runs are kept")
 
 
 def run_search(trials: list[dict], sweep) -> list[dict]:
@@ -107,7 +126,9 @@ def run_search(trials: list[dict], sweep) -> list[dict]:
                        search_alg=search_alg(sweep.search, sweep.seed),
                        num_samples=1 if sweep.search == "grid" else sweep.num_samples,
                        scheduler=_scheduler(sweep, [trial]) if sweep.asha else None)
-        for r in tuner.fit():
+        grid = tuner.fit()
+        _stop_if_interrupted(name, grid)
+        for r in grid:
             sampled = {k: r.config.get(k) for k in keys}
             trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(r.path)
             rows.append({**_row({**trial, "out": os.path.join(trial["out"], trial_id)}, r, name), "space": sampled})
