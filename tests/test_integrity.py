@@ -68,7 +68,7 @@ def test_killed_write_never_looks_complete_and_resumes(tmp_path, where, request)
     uri = str(tmp_path / "ds") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/ds"
     args = [sys.executable, "jobs/dataset.py", "-q", "synth", uri, "--samples", "400000", "--shard-rows", "2000"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # (the context codec is fitted before the first shard: 90 s on a loaded box)
     while time.time() < deadline:  # kill once a few shards are down, well before the end
         progress = _progress_shards(uri)
         if progress >= 3:

@@ -144,33 +144,30 @@ class S3Store(FileStore):
         if self.cache is None:
             return super().read_file(path, digest)
         try:
-            return self._cached(path, digest, lambda data: data)
+            etag = self._listed(path)[1]
         except FileNotFoundError:
             return None
+        return self.cache.get(digest, lambda: self._get(path), tag=etag)  # (the caller checks the digest)
 
     def read_shard_bytes(self, info):
         if self.cache is None:
             return super().read_shard_bytes(info)
-        listed = self._listed(info.path)
-        if listed is not None and listed[0] != info.bytes:
-            # changed on the store: read it (and fail its digest), never the cached copy
+        size, etag = self._listed(info.path)
+        if size != info.bytes:  # changed on the store: read it (and fail its digest), never the cached copy
             return super().read_shard_bytes(info)
-        return self._cached(info.path, info.sha256, lambda data: self._checked(info, data),
-                            on_corrupt=lambda actual: ShardChecksumError(str(self.uri), info.path, info.sha256, actual))
+        # the cache entry is the object as it was: same digest *and* same ETag
+        return self.cache.get(info.sha256, lambda: self._checked(info, self._get(info.path)), tag=etag,
+                              on_corrupt=lambda actual: ShardChecksumError(str(self.uri), info.path,
+                                                                           info.sha256, actual))
 
-    def _listed(self, path: str) -> tuple[int, str] | None:
+    def _listed(self, path: str) -> tuple[int, str]:
         """(size, ETag) of an object from the listing: the first read lists the prefix once (unless opening the
-        dataset did), and again for an object it lacks (written after it)."""
+        dataset did), and again for an object it lacks (written after it); a missing object is named."""
         if self._objects is None or path not in self._objects:
             self._objects = self._listing()
-        return self._objects.get(path)
-
-    def _cached(self, path: str, digest: str, check, on_corrupt=None) -> bytes:
-        """An object through the cache tier: the entry is the object as it was, same digest *and* same ETag."""
-        listed = self._listed(path)
-        if listed is None:
+        if path not in self._objects:
             raise FileNotFoundError(f"{path} is not on {self.uri}")
-        return self.cache.get(digest, lambda: check(self._get(path)), tag=listed[1], on_corrupt=on_corrupt)
+        return self._objects[path]
 
     @contextlib.contextmanager
     def writer_lock(self):

@@ -128,11 +128,15 @@ def run_search(trials: list[dict], sweep) -> list[dict]:
                        scheduler=_scheduler(sweep, [trial]) if sweep.asha else None)
         grid = tuner.fit()
         _stop_if_interrupted(name, grid)
-        for r in grid:
-            sampled = {k: r.config.get(k) for k in keys}
-            trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(r.path)
-            rows.append({**_row({**trial, "out": os.path.join(trial["out"], trial_id)}, r, name), "space": sampled})
+        rows += [_sample_row(trial, r, name, keys) for r in grid]
     return sorted(rows, key=lambda r: r["out"])
+
+
+def _sample_row(trial: dict, result, name: str, keys: list[str]) -> dict:
+    """One sample of a search: its own run dir (Tune's trial id) and the sampled values under their keys."""
+    trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path)
+    return {**_row({**trial, "out": os.path.join(trial["out"], trial_id)}, result, name),
+            "space": {k: result.config.get(k) for k in keys}}
 
 
 def finished_rows(trials: list[dict], sweep) -> list[dict]:
@@ -160,12 +164,8 @@ def finished_rows(trials: list[dict], sweep) -> list[dict]:
         for r in tune.Tuner.restore(path, trainable).get_results():
             if not (r.metrics or {}).get("done"):
                 continue
-            if name == "finetune":
-                rows.append(_row(listed[r.config["index"]], r, name))
-            else:
-                trial_id = r.metrics.get("trial_id") or os.path.basename(r.path)
-                rows.append({**_row({**listed[0], "out": os.path.join(listed[0]["out"], trial_id)}, r, name),
-                             "space": {k: r.config.get(k) for k in keys}})
+            rows.append(_row(listed[r.config["index"]], r, name) if name == "finetune"
+                        else _sample_row(listed[0], r, name, keys))
     return sorted(rows, key=lambda r: r["out"])
 
 
