@@ -74,8 +74,9 @@ def test_smoke_search_writes_a_column_per_searched_key_the_best_setting_and_the_
     space = tmp_path / "space.yaml"
     space.write_text("lr: {choice: [1.0e-3, 2.0e-3]}\naugment:\n  noise_prob: {uniform: [0.0, 0.5]}\n")
     out = tmp_path / "sweep"
+    # optuna + ASHA decide on val_top1; log_every=1 sends them step reports without it in between
     res = run_job("jobs/sweep.py", "--smoke-test", "--budgets", "2%", "--space", str(space), "--num-samples", "2",
-                  "--out", str(out), timeout=900)
+                  "--search", "optuna", "--asha", "--set", "log_every=1", "--out", str(out), timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert _result(res)["trials"] == 2 and _result(res)["failed"] == 0
     rows = list(csv.DictReader(open(out / "results.csv")))

@@ -1,5 +1,5 @@
 """One sweep trial as a Ray Tune function trainable: a Ray Train run inside it (Ray 2.60: a Tuner takes
-no Trainer; ``TuneReportCallback`` forwards every ``ray.train.report`` to Tune), then robustness.
+no Trainer; ``TuneReportCallback`` forwards ``ray.train.report``s to Tune), then robustness.
 
 A trial resumes from the latest checkpoint in its run dir, so ``Tuner.restore`` after an
 interruption loses at most ``ckpt_every`` steps of each unfinished trial.
@@ -14,7 +14,6 @@ log = logging.getLogger(__name__)
 
 def run_trial(params: dict) -> None:
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     import argparse
     import dataclasses
@@ -40,12 +39,26 @@ def run_trial(params: dict) -> None:
         log.info("%s already finished; reporting its result", cfg.out)
     else:
         tracking = tracking_from_args(argparse.Namespace(mlflow=sweep.mlflow)) if sweep.mlflow else None
-        result = fit(plan, callbacks=[TuneReportCallback()], tracking=tracking)
+        result = fit(plan, callbacks=[_tune_reports(cfg.task)], tracking=tracking)
         metrics = dict(result.metrics or {})
     final = {k: metrics.get(k) for k in ("step", "epoch", "loss", "val_top1", "samples_per_s")}
     if cfg.task == "classify" and sweep.images:
         final.update(corrupted_top1(cfg.out, sweep))
     tune.report({**final, "done": True})
+
+
+def _tune_reports(task: str):
+    """Ray Train's reports forwarded to Tune; for fine-tuning only those that carry ``val_top1``: ASHA and the
+    searchers decide on it (Optuna reads it from every result) and Tune refuses a result without the metric its
+    scheduler expects, while the step logs in between carry only loss and speed."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ValidationReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if "val_top1" in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ValidationReports() if task == "classify" else TuneReportCallback()
 
 
 def _finished_metrics(plan) -> dict | None:
