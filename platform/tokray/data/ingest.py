@@ -4,14 +4,12 @@ Two modes, one order:
 - ``stream``: every epoch, each rank runs a Ray Data read over the epoch's windows; a read task reads
   its window's shards straight from the store (local, S3 through the node's cache tier, LMDB),
   shuffles the window's rows and keeps the rank's slice of every global batch. Memory is a few
-  windows per rank, whatever the size of the dataset. With several workers, a window is read and
-  decoded once per node (``WindowDecoder``) and each rank takes its slice of that one decode.
+  windows per rank, whatever the size of the dataset.
 - ``materialize``: the driver reads and verifies every shard once into Ray's object store; the
   same read tasks then take the shards from there instead of the store.
 ``auto`` materializes when the decoded dataset fits ``materialize_fraction`` of the cluster's object
-store. A rank's slice of a window draws rows from every shard of it: that is what makes the order not
-depend on W. Decoding the window once per node, not once per rank, keeps W ranks from doing W times
-the decode work on the cores they train on.
+store. A rank reads whole windows and keeps 1/W of them: reading a little more than its share (token
+samples are ~100 B to ~2 KB) buys an order that does not depend on W.
 """
 
 from __future__ import annotations
@@ -49,7 +47,6 @@ class Ingest:
     order: SampleOrder
     blocks: tuple = ()  # materialize: one ObjectRef of a verified shard table per shard, in manifest order
     trace_dir: str = ""  # non-empty: every read task appends the shards it read to <trace_dir>/rank<r>.jsonl
-    decoder: object = None  # stream with several workers: the run's WindowDecoder actor (None: each rank reads)
 
     @property
     def materialized(self) -> bool:
@@ -105,9 +102,7 @@ def plan_ingest(uri: str, cfg, trace_dir: str = "") -> Ingest:
              m.num_samples, decoded / 1e6, store / 1e6, 100 * cfg.materialize_fraction, order.window_shards,
              len(m.shards), order.global_batch)
     blocks = materialize_shards(ds) if chosen == "materialize" else ()
-    decoder = (start_window_decoder(ds.uri, m, order, trace_dir) if chosen == "stream" and cfg.num_workers > 1
-               else None)
-    return Ingest(chosen, ds.uri, m, order, blocks, trace_dir, decoder)
+    return Ingest(chosen, ds.uri, m, order, blocks, trace_dir)
 
 
 def materialize_shards(ds: Dataset) -> tuple:
@@ -169,104 +164,19 @@ class _WindowSource(Datasource):
 
 def _window_reader(ingest: Ingest, epoch: int, w: Window, start: int, rank: int, world: int):
     def read() -> Iterable[pa.Table]:
-        shared = ingest.decoder is not None and world > 1
-        part = _shared_slice(ingest, epoch, w, start, rank, world) if shared else None
-        if part is None:
-            ds = None if ingest.materialized else Dataset(open_store(ingest.uri), ingest.manifest)
-            part = _rank_slices(_window_table(ingest, w, ds), ingest.order, epoch, w, start, (rank,), world)[0]
+        ds = None if ingest.materialized else Dataset(open_store(ingest.uri), ingest.manifest)
+        table = pa.concat_tables([ingest.shard_table(s, ds) for s in w.shards])
+        rows = ingest.order.rank_rows(epoch, w, rank, world, start)
         if ingest.trace_dir:
-            _trace_read(ingest.trace_dir, epoch, w, rank, world, start, part.num_rows)
-        yield part
+            _trace_read(ingest.trace_dir, epoch, w, rank, world, start, len(rows))
+        yield table.take(pa.array(rows.astype(np.int64)))
     return read
-
-
-def _window_table(ingest: Ingest, w: Window, ds: Dataset | None) -> pa.Table:
-    """The window's shards, decoded and concatenated in window order."""
-    return pa.concat_tables([ingest.shard_table(s, ds) for s in w.shards])
-
-
-def _rank_slices(table: pa.Table, order: SampleOrder, epoch: int, w: Window, start: int, ranks, world: int) -> list:
-    return [table.take(pa.array(order.rank_rows(epoch, w, r, world, start).astype(np.int64))) for r in ranks]
-
-
-def _shared_slice(ingest: Ingest, epoch: int, w: Window, start: int, rank: int, world: int) -> pa.Table | None:
-    """This rank's slice of the node's one decode of the window; None if the decoder is gone (a lost node):
-    the rank then reads the window itself, in the same order."""
-    import ray
-
-    try:
-        ref = ray.get(ingest.decoder.slice.remote(_node_id(), epoch, w, start, rank, world))[0]
-    except ray.exceptions.RayActorError:
-        log.warning("window decoder lost: rank %d reads window %d of epoch %d itself", rank, w.index, epoch)
-        return None
-    return ray.get(ref)
-
-
-def start_window_decoder(uri: str, manifest: Manifest, order: SampleOrder, trace_dir: str = ""):
-    """The run's ``WindowDecoder``, beside the caller (the driver owns it: it outlives worker restarts and goes
-    with the run). No CPU: it only hands out object refs; the decode tasks it starts run on the asking node."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return ray.remote(num_cpus=0)(WindowDecoder).options(scheduling_strategy=here).remote(uri, manifest, order,
-                                                                                         trace_dir)
-
-
-def _decode_window(uri: str, manifest: Manifest, order: SampleOrder, epoch: int, w: Window, start: int,
-                   world: int, trace_dir: str) -> tuple:
-    """A window read and decoded once, cut into every rank's slice (one object each)."""
-    ingest = Ingest("stream", uri, manifest, order)
-    table = _window_table(ingest, w, Dataset(open_store(uri), manifest))
-    if trace_dir:
-        _trace_line(trace_dir, "decode", {"epoch": epoch, "window": w.index, "shards": list(w.shards), "world": world,
-                                          "start": start, "node": _node_id(), "pid": os.getpid()})
-    return tuple(_rank_slices(table, order, epoch, w, start, range(world), world))
-
-
-def _node_id() -> str:
-    import ray
-
-    return ray.get_runtime_context().get_node_id()
-
-
-class WindowDecoder:
-    """Per node and window, one read task decodes the window and returns each rank's slice as its own object;
-    every rank on that node asks here for its slice. Without it each of W ranks would decode the whole window
-    to keep 1/W of it. A slice is handed out once (a restarted rank asking again gets a fresh decode); windows
-    some rank never asks for (ranks on other nodes) are dropped oldest first past ``keep``."""
-
-    def __init__(self, uri: str, manifest: Manifest, order: SampleOrder, trace_dir: str = "",
-                 keep: int = 4 * READS_IN_FLIGHT):
-        self.uri, self.manifest, self.order, self.trace_dir, self.keep = uri, manifest, order, trace_dir, keep
-        self.slices: dict[tuple, list] = {}  # (node, epoch, window, start, world) -> rank's ref or None, by rank
-
-    def slice(self, node: str, epoch: int, w: Window, start: int, rank: int, world: int) -> list:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        key = (node, epoch, w.index, start, world)
-        refs = self.slices.get(key)
-        if refs is None or refs[rank] is None:
-            decode = ray.remote(_decode_window).options(
-                num_cpus=0, num_returns=world, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
-            refs = self.slices[key] = list(decode.remote(self.uri, self.manifest, self.order, epoch, w, start,
-                                                         world, self.trace_dir))
-        ref, refs[rank] = refs[rank], None
-        if all(r is None for r in refs):
-            del self.slices[key]
-        while len(self.slices) > self.keep:
-            del self.slices[next(iter(self.slices))]
-        return [ref]  # in a list: the rank gets this ref itself, not its value
 
 
 def _trace_read(trace_dir: str, epoch: int, w: Window, rank: int, world: int, start: int, kept: int) -> None:
     """One line per window read (an audit of what a rank read: resume must not read skipped windows)."""
-    _trace_line(trace_dir, f"rank{rank}", {"epoch": epoch, "window": w.index, "shards": list(w.shards), "rank": rank,
-                                           "world": world, "start": start, "rows_kept": kept, "pid": os.getpid()})
-
-
-def _trace_line(trace_dir: str, name: str, record: dict) -> None:
     os.makedirs(trace_dir, exist_ok=True)
-    with open(os.path.join(trace_dir, f"{name}.jsonl"), "a") as f:  # one short O_APPEND write
-        f.write(json.dumps(record) + "\n")
+    line = json.dumps({"epoch": epoch, "window": w.index, "shards": list(w.shards), "rank": rank, "world": world,
+                       "start": start, "rows_kept": kept, "pid": os.getpid()})
+    with open(os.path.join(trace_dir, f"rank{rank}.jsonl"), "a") as f:  # one short O_APPEND write
+        f.write(line + "\n")
