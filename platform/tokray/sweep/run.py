@@ -136,7 +136,7 @@ def _sample_row(trial: dict, result, name: str, keys: list[str]) -> dict:
     """One sample of a search: its own run dir (Tune's trial id) and the sampled values under their keys."""
     trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path)
     return {**_row({**trial, "out": os.path.join(trial["out"], trial_id)}, result, name),
-            "space": {k: result.config.get(k) for k in keys}}
+            "space": {k: (result.config or {}).get(k) for k in keys}}  # None for a trial that died unstarted
 
 
 def finished_rows(trials: list[dict], sweep) -> list[dict]:
