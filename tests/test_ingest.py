@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import write_synth
-from tokray.data.ingest import resolve_mode, rows_in_rank_slices
+from tokray.data.ingest import needed_shards, resolve_mode, rows_in_rank_slices
 from tokray.data.order import SampleOrder
 
 SAMPLES, SHARD_ROWS, BATCH = 640, 80, 32  # 8 shards; the smoke recipe's batch: 20 steps an epoch
@@ -75,6 +75,34 @@ def test_a_position_skips_whole_windows_then_rows():
     for world in (2, 4):
         rest = [_global_rows(order, 2, r, world, start) for r in range(world)]
         assert sorted(sum(rest, [])) == sorted(full[start:])
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_a_rank_reads_about_its_share_of_a_windows_shards(world):
+    """32 shards of 8,192 in one window, global batch 1,024: a rank's rows lie in ~32/W shards, plus the few
+    that its batches' boundary with the next rank crosses."""
+    order = SampleOrder.for_dataset((8192,) * 32, 0, 32 * 8192, 1024)
+    (w,) = order.windows(0)
+    sizes = []
+    for rank in range(world):
+        shards, _ = needed_shards(tuple(order.shard_rows[s] for s in w.shards), order.rank_rows(0, w, rank, world))
+        sizes.append(len(shards))
+    assert max(sizes) <= 32 // world + 4, sizes  # W=2: 18 each, not 32
+
+
+def test_reading_only_the_needed_shards_gives_the_same_rows():
+    order = _order(shard_rows=(80, 80, 70, 80, 80, 80, 80, 75), window=4 * 80)
+    firsts = np.concatenate([[0], np.cumsum(order.shard_rows)[:-1]])
+    for w in order.windows(1):
+        flat = np.concatenate([firsts[s] + np.arange(order.shard_rows[s]) for s in w.shards])
+        reads = 0
+        for rank in range(4):
+            rows = order.rank_rows(1, w, rank, 4)
+            shards, renumbered = needed_shards(tuple(order.shard_rows[s] for s in w.shards), rows)
+            kept = np.concatenate([firsts[w.shards[k]] + np.arange(order.shard_rows[w.shards[k]]) for k in shards])
+            assert kept[renumbered].tolist() == flat[rows].tolist()
+            reads += len(shards)
+        assert reads < 4 * len(w.shards)  # the ranks together read fewer shards than 4 whole windows
 
 
 @pytest.mark.parametrize("lo,hi,batch,per_rank,rank", [(0, 640, 32, 8, 3), (13, 301, 32, 16, 1), (5, 5, 8, 4, 0),

@@ -2,11 +2,17 @@
 
 Each epoch permutes the shards (seeded by seed and epoch), cuts the permuted list into windows of
 ``window_shards`` consecutive shards, and permutes the rows inside each window. Concatenated, the
-windows give the epoch's sequence of samples; global batch ``b`` is positions [b*B, (b+1)*B) of it and
-rank r of W takes the slice [b*B + r*B/W, b*B + (r+1)*B/W). So the union of the ranks' batches at a
-step is the same set for every W that divides B, whichever store the shards come from, however many
-read tasks run and wherever blocks live. What it does depend on: the shard list (rows per shard, in
-manifest order), the seed, the window and the global batch. Nothing is read to compute it.
+windows give the epoch's sequence of samples; global batch ``b`` is positions [b*B, (b+1)*B) of it. The
+union of the ranks' batches at a step is that set for every W that divides B, whichever store the shards
+come from, however many read tasks run and wherever blocks live. What it depends on: the shard list
+(rows per shard, in manifest order), the seed, the window and the global batch. Nothing is read to
+compute it.
+
+Which rank trains on which sample of a global batch is free (the step's gradient is the mean over the
+union), so it is chosen to save reading: the batch's samples are ranked by where they are stored (window,
+then shard, then row) and rank r of W takes ranks [r*B/W, (r+1)*B/W). A rank then needs about 1/W of a
+window's shards (plus the one or two at its boundary) instead of all of them; inside its slice a rank
+keeps the batch's shuffled order.
 
 A position in the order is (epoch, samples consumed); resuming there skips every window that ends
 before it without reading it, then the consumed rows of the window it falls in.
@@ -89,10 +95,18 @@ class SampleOrder:
 
     def rank_rows(self, epoch: int, window: Window, rank: int, world: int, start: int = 0) -> np.ndarray:
         """Rows (into the window's concatenated shards) that ``rank`` of ``world`` trains on, in its order:
-        its slice of every global batch, from position ``start`` on, whole batches only."""
+        its slice of every global batch (by storage position, see the module doc), from position ``start``
+        on, whole batches only."""
         if self.global_batch % world:
             raise ValueError(f"the global batch {self.global_batch} does not divide over {world} workers")
         per_rank = self.global_batch // world
+        perm = self.window_permutation(epoch, window)
         pos = window.start + np.arange(window.rows)
-        mine = ((pos % self.global_batch) // per_rank == rank) & (pos >= start) & (pos < self.used_per_epoch)
-        return self.window_permutation(epoch, window)[mine]
+        batch = pos // self.global_batch
+        # within each batch, sort its positions by stored row; a batch's earlier part in the previous window
+        # stores before all of this window, so its sorted offset here starts after that part
+        by_storage = np.lexsort((perm, batch))
+        offset = np.empty(window.rows, dtype=np.int64)
+        offset[by_storage] = pos - batch[by_storage] * self.global_batch
+        mine = (offset // per_rank == rank) & (pos >= start) & (pos < self.used_per_epoch)
+        return perm[mine]
