@@ -107,7 +107,7 @@ def main() -> int:
     elif args.num_samples or args.search:
         raise ValueError("--num-samples and --search apply to a --space search; give --space FILE.yaml")
     cfg = _with_trial_overrides(cfg, args)
-    init_ray()
+    init_ray(dashboard=True)  # many Train runs in one driver: see init_ray
     subsets = materialize_subsets(cfg)
     full = full_set_samples(cfg)
     if not args.report:

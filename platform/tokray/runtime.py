@@ -15,12 +15,15 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def init_ray() -> None:
+def init_ray(dashboard: bool = False) -> None:
     """Join RAY_ADDRESS or the cluster `ray start` left on this machine; else start a local Ray for this job.
 
     Not ``address="auto"``: that also joins any other job's private local Ray found among the processes.
+    ``dashboard``: a new local Ray runs its dashboard, whose State API Ray Train's placement-group cleaner
+    needs: without it, every Train run whose controller is killed (a Tune trial stopped by ASHA or at
+    its last report) keeps its workers' CPUs reserved until the driver exits, and a long search stalls.
     """
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)  # (the dashboard flag only applies to a new Ray)
+        ray.init(include_dashboard=dashboard, configure_logging=False)  # (the flag only applies to a new Ray)
