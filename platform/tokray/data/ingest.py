@@ -8,8 +8,8 @@ Two modes, one order:
 - ``materialize``: the driver reads and verifies every shard once into Ray's object store; the
   same read tasks then take the shards from there instead of the store.
 ``auto`` materializes when the decoded dataset fits ``materialize_fraction`` of the cluster's object
-store. A rank reads only the shards of a window that hold its rows: about 1/W of them plus the one or two at
-its boundary (tokray.data.order gives each rank the samples of a global batch stored next to each other).
+store. A read task reads only the shards of its window that hold the rank's rows: all of them with the
+default ``rank_split`` (interleaved), about 1/W of them with ``storage`` (tokray.data.order).
 """
 
 from __future__ import annotations
@@ -93,14 +93,15 @@ def plan_ingest(uri: str, cfg, trace_dir: str = "") -> Ingest:
 
     ds = open_dataset(uri)
     m = ds.manifest
-    order = SampleOrder.for_dataset([s.rows for s in m.shards], cfg.seed, cfg.shuffle_window, cfg.batch_size)
+    order = SampleOrder.for_dataset([s.rows for s in m.shards], cfg.seed, cfg.shuffle_window, cfg.batch_size,
+                                    cfg.rank_split)
     decoded = ds.format.inmemory_bytes(m.meta, m.num_samples, m.shard_bytes)
     store = ray.cluster_resources().get("object_store_memory", 0.0)
     chosen = resolve_mode(cfg.ingest, decoded, store, cfg.materialize_fraction)
     log.info("ingest %s (%s): %d samples, %.1f MB decoded, object store %.0f MB (materialize up to %.0f%%); "
-             "windows of %d of %d shards, global batch %d", chosen, "auto" if cfg.ingest == "auto" else "asked",
+             "windows of %d of %d shards, global batch %d split %s", chosen, "auto" if cfg.ingest == "auto" else "asked",
              m.num_samples, decoded / 1e6, store / 1e6, 100 * cfg.materialize_fraction, order.window_shards,
-             len(m.shards), order.global_batch)
+             len(m.shards), order.global_batch, order.split)
     blocks = materialize_shards(ds) if chosen == "materialize" else ()
     return Ingest(chosen, ds.uri, m, order, blocks, trace_dir)
 
