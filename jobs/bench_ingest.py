@@ -6,9 +6,9 @@ count and store.
   python jobs/bench_ingest.py --data URI --stores local # your dataset
   python jobs/bench_ingest.py --smoke-test              # seconds: a small set, local only (CI)
 
-Per case: samples/s per worker and in total, time to the first batch, each worker's peak RSS and its
-growth after the first batch (flat = bounded memory), and the peak object store use (sampled on the
-driver). S3 rows copy the set to a moto server on 127.0.0.1 (the `test` extra). LMDB sets are read
+Cases: store x mode x workers x ``--splits`` (rank_split; 2+ workers). Per case: samples/s per worker
+and in total, time to the first batch, each worker's peak RSS and its growth after the first batch
+(flat = bounded memory), and the peak object store use (sampled on the driver). S3 rows copy the set to a moto server on 127.0.0.1 (the `test` extra). LMDB sets are read
 through the same shard reader. Starts its own Ray (``--object-store-mb`` caps its object store) unless
 RAY_ADDRESS names a cluster. Prints a table, then one JSON line.
 """
@@ -32,6 +32,7 @@ class Case:
     store: str
     mode: str
     workers: int
+    split: str = "interleaved"
 
 
 def consume_loop(config: dict) -> None:
@@ -117,7 +118,8 @@ def run_case(uri: str, case: Case, args, out: str) -> dict:
     from tokray.recipes import get_recipe
 
     cfg = get_recipe("smoke", data=uri, batch_size=args.batch_size, num_workers=case.workers, ingest=case.mode,
-                     cpus_per_worker=args.cpus / case.workers, shuffle_window=args.window, out=out)
+                     cpus_per_worker=args.cpus / case.workers, shuffle_window=args.window, rank_split=case.split,
+                     out=out)
     with ObjectStoreSampler() as store:
         t0 = time.perf_counter()
         ingest = plan_ingest(uri, cfg)
@@ -125,7 +127,7 @@ def run_case(uri: str, case: Case, args, out: str) -> dict:
             consume_loop, train_loop_config={"ingest": ingest, "epochs": args.epochs, "out": out},
             scaling_config=ray.train.ScalingConfig(num_workers=case.workers,
                                                    resources_per_worker={"CPU": cfg.cpus_per_worker}),
-            run_config=ray.train.RunConfig(name=f"bench-{case.store}-{case.mode}-{case.workers}",
+            run_config=ray.train.RunConfig(name=f"bench-{case.store}-{case.mode}-{case.workers}-{case.split}",
                                            storage_path=os.path.join(out, "ray")))
         os.makedirs(out, exist_ok=True)
         trainer.fit()
@@ -134,7 +136,7 @@ def run_case(uri: str, case: Case, args, out: str) -> dict:
         workers = json.load(f)
     del ingest  # frees materialized blocks before the next case
     total = sum(w["samples"] for w in workers)
-    return {"store": case.store, "mode": case.mode, "workers": case.workers, "samples": total,
+    return {"store": case.store, "mode": case.mode, "workers": case.workers, "split": case.split, "samples": total,
             "per_worker_samples_per_s": min(w["samples_per_s"] for w in workers),
             "total_samples_per_s": sum(w["samples_per_s"] for w in workers),
             "first_batch_s": max(w["first_batch_s"] or 0 for w in workers),
@@ -175,16 +177,21 @@ def main() -> int:
     p.add_argument("--shard-rows", type=int, default=8192)
     p.add_argument("--modes", nargs="+", default=["materialize", "stream"], choices=["materialize", "stream"])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--splits", nargs="+", default=["interleaved"], choices=["interleaved", "storage"],
+                   help="rank_split: how a global batch is split over the workers (storage: a rank reads ~1/W "
+                        "of a window's shards); one worker is the same either way, so its cases run once")
     p.add_argument("--stores", nargs="+", default=["local", "s3", "lmdb"], choices=["local", "s3", "lmdb"])
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1024, help="global batch")
     p.add_argument("--window", type=int, default=262_144, help="shuffle window, samples")
     p.add_argument("--cpus", type=float, default=2, help="CPUs the workers of a case share")
     p.add_argument("--object-store-mb", type=int, help="start Ray with this object store size")
-    p.add_argument("--smoke-test", action="store_true", help="20k samples, local store, both modes, 2 workers")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="20k samples, local store, both modes and splits, 2 workers")
     args = parse_args(p)
     if args.smoke_test:
         args.samples, args.stores, args.shard_rows, args.workers = 20_000, ["local"], 2048, [2]
+        args.splits = ["interleaved", "storage"]
     import ray
 
     from tokray.data.synth import SynthTokens
@@ -204,8 +211,10 @@ def main() -> int:
             ray.init(include_dashboard=False, configure_logging=False, object_store_memory=store,
                      log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        rows = [run_case(uris[s], Case(s, m, w), args, os.path.join(tmp, "runs", f"{s}-{m}-{w}"))
-                for s in args.stores for m in args.modes for w in args.workers]
+        cases = dict.fromkeys(Case(s, m, w, split if w > 1 else "interleaved") for s in args.stores
+                              for m in args.modes for w in args.workers for split in args.splits)
+        rows = [run_case(uris[c.store], c, args, os.path.join(tmp, "runs", f"{c.store}-{c.mode}-{c.workers}-{c.split}"))
+                for c in cases]
     print_table(rows)
     return print_result({"samples": args.samples, "grid": list(args.grid), "batch_size": args.batch_size,
                          "epochs": args.epochs, "object_store_mb": args.object_store_mb, "cases": rows})

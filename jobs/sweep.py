@@ -88,7 +88,7 @@ def main() -> int:
     from tokray.sweep.plan import (SweepConfig, full_set_samples, materialize_subsets, mtm_runs, preset, run_order,
                                    token_trials)
     from tokray.sweep.report import write_results
-    from tokray.sweep.run import finished_rows, require_finished, run_phase, run_search
+    from tokray.sweep.run import finished_rows, require_finished, run_phase, run_search, split_reference
     from tokray.sweep.space import load_space
 
     fields = {"out": args.out, "data": args.data, "eval_data": args.eval_data, "images": args.images,
@@ -119,13 +119,16 @@ def main() -> int:
         pixels = (pixel_trials(cfg, subsets, full) if cfg.pixel_sizes else []) + \
                  ([full_pixel_trial(cfg, full)] if cfg.full_pixels else [])
     trials = run_order(cfg, tokens + pixels)
+    reference, trials = split_reference(trials)
     if args.report:
-        rows = finished_rows(trials, cfg)
-    elif cfg.space:
-        rows = run_search(tokens, cfg) + run_phase("finetune", [t for t in trials if t["kind"] != "tokens"], cfg,
-                                                   use_asha=cfg.asha)
-    else:
-        rows = run_phase("finetune", trials, cfg, use_asha=cfg.asha)
+        rows = finished_rows(reference, trials, cfg)
+    else:  # the reference first: a sweep stopped part-way has the ratio to full pixels
+        rows = run_phase("reference", reference, cfg)
+        if cfg.space:
+            rows += run_search(tokens, cfg) + run_phase("finetune", [t for t in trials if t["kind"] != "tokens"], cfg,
+                                                        use_asha=cfg.asha)
+        else:
+            rows += run_phase("finetune", trials, cfg, use_asha=cfg.asha)
     length = (f"{rows[0]['steps']:,} steps per run" if cfg.protocol == "steps" and rows
               else f"{cfg.epochs:g} fine-tuning epochs")
     planned = len(tokens) * (cfg.num_samples if cfg.space and cfg.search != "grid" else 1) + len(pixels)

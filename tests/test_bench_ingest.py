@@ -19,8 +19,8 @@ def _result(res) -> dict:
 
 def test_smoke_benchmark_prints_every_case():
     out = _result(run_job("jobs/bench_ingest.py", "--smoke-test", timeout=600))
-    cases = {(c["store"], c["mode"], c["workers"]) for c in out["cases"]}
-    assert cases == {("local", "materialize", 2), ("local", "stream", 2)}
+    cases = {(c["store"], c["mode"], c["workers"], c["split"]) for c in out["cases"]}
+    assert cases == {("local", m, 2, s) for m in ("materialize", "stream") for s in ("interleaved", "storage")}
     for c in out["cases"]:
         assert c["samples"] == 19 * 1024  # one epoch of whole global batches of 20,000 samples
         assert c["total_samples_per_s"] > 0 and c["first_batch_s"] > 0 and c["peak_rss_mib"] > 0

@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 
 from conftest import write_synth
-from tokray.data.ingest import resolve_mode, rows_in_rank_slices
+from tokray.data.ingest import needed_shards, resolve_mode, rows_in_rank_slices
 from tokray.data.order import SampleOrder
 
 SAMPLES, SHARD_ROWS, BATCH = 640, 80, 32  # 8 shards; the smoke recipe's batch: 20 steps an epoch
 WINDOW = 160  # 2 shards a window: 4 windows an epoch
 
 
-def _order(shard_rows=(SHARD_ROWS,) * 8, seed=0, window=WINDOW, batch=BATCH) -> SampleOrder:
-    return SampleOrder.for_dataset(shard_rows, seed, window, batch)
+def _order(shard_rows=(SHARD_ROWS,) * 8, seed=0, window=WINDOW, batch=BATCH, split="interleaved") -> SampleOrder:
+    return SampleOrder.for_dataset(shard_rows, seed, window, batch, split)
 
 
 def _global_rows(order: SampleOrder, epoch: int, rank: int, world: int, start: int = 0) -> list[int]:
@@ -44,8 +44,9 @@ def _steps(rows: list[int], per_step: int) -> list[frozenset]:
     return [frozenset(rows[i:i + per_step]) for i in range(0, len(rows), per_step)]
 
 
-def test_the_per_step_union_is_the_same_for_any_worker_count():
-    order = _order(shard_rows=(80, 80, 70, 80, 80, 80, 80, 75))  # uneven shards; the remainder is dropped
+@pytest.mark.parametrize("split", ["interleaved", "storage"])
+def test_the_per_step_union_is_the_same_for_any_worker_count(split):
+    order = _order(shard_rows=(80, 80, 70, 80, 80, 80, 80, 75), split=split)  # uneven shards; the remainder is dropped
     one = _steps(_global_rows(order, 3, 0, 1), BATCH)
     assert len(one) == order.steps_per_epoch == sum(order.shard_rows) // BATCH
     for world in (2, 4, 8):
@@ -65,16 +66,47 @@ def test_each_epoch_is_a_new_permutation_and_the_order_repeats_for_the_seed():
     assert len(shards) == 2, shards
 
 
-def test_a_position_skips_whole_windows_then_rows():
-    order = _order()
+@pytest.mark.parametrize("split", ["interleaved", "storage"])
+def test_a_position_skips_whole_windows_then_rows(split):
+    order = _order(split=split)
     start = 6 * BATCH  # 192: window 0 (positions 0..159) is done, window 1 half done
     windows = order.windows(2, start)
     assert [w.index for w in windows] == [1, 2, 3]
     full = _global_rows(order, 2, 0, 1)
-    assert _global_rows(order, 2, 0, 1, start) == full[start:]
+    assert _global_rows(order, 2, 0, 1, start) == full[start:]  # one worker: the order itself, either split
     for world in (2, 4):
         rest = [_global_rows(order, 2, r, world, start) for r in range(world)]
         assert sorted(sum(rest, [])) == sorted(full[start:])
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_a_rank_reads_about_its_share_of_a_windows_shards(world):
+    """32 shards of 8,192 in one window, global batch 1,024: a rank's rows lie in ~32/W shards, plus the few
+    that its batches' boundary with the next rank crosses."""
+    order = SampleOrder.for_dataset((8192,) * 32, 0, 32 * 8192, 1024, split="storage")
+    (w,) = order.windows(0)
+    sizes = []
+    for rank in range(world):
+        shards, _ = needed_shards(tuple(order.shard_rows[s] for s in w.shards), order.rank_rows(0, w, rank, world))
+        sizes.append(len(shards))
+    assert max(sizes) <= 32 // world + 4, sizes  # W=2: 18 each, not 32
+
+
+@pytest.mark.parametrize("split", ["interleaved", "storage"])
+def test_reading_only_the_needed_shards_gives_the_same_rows(split):
+    order = _order(shard_rows=(80, 80, 70, 80, 80, 80, 80, 75), window=4 * 80, split=split)
+    firsts = np.concatenate([[0], np.cumsum(order.shard_rows)[:-1]])
+    for w in order.windows(1):
+        flat = np.concatenate([firsts[s] + np.arange(order.shard_rows[s]) for s in w.shards])
+        reads = 0
+        for rank in range(4):
+            rows = order.rank_rows(1, w, rank, 4)
+            shards, renumbered = needed_shards(tuple(order.shard_rows[s] for s in w.shards), rows)
+            kept = np.concatenate([firsts[w.shards[k]] + np.arange(order.shard_rows[w.shards[k]]) for k in shards])
+            assert kept[renumbered].tolist() == flat[rows].tolist()
+            reads += len(shards)
+        if split == "storage":  # the ranks together read fewer shards than 4 whole windows
+            assert reads < 4 * len(w.shards)
 
 
 @pytest.mark.parametrize("lo,hi,batch,per_rank,rank", [(0, 640, 32, 8, 3), (13, 301, 32, 16, 1), (5, 5, 8, 4, 0),
@@ -134,13 +166,22 @@ def reference(ray_session, local_tokens, tmp_path_factory) -> dict[int, frozense
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("workers,ingest", [(2, "stream"), (4, "stream"), (1, "materialize"), (2, "materialize"),
-                                            (4, "materialize")])
-def test_elastic_determinism_local(reference, local_tokens, tmp_path, workers, ingest):
-    smoke_run(local_tokens, tmp_path, workers, ingest)
+@pytest.mark.parametrize("workers,ingest,split", [(2, "stream", "interleaved"), (4, "stream", "interleaved"),
+                                                  (1, "materialize", "interleaved"), (2, "materialize", "interleaved"),
+                                                  (4, "materialize", "interleaved"), (2, "stream", "storage"),
+                                                  (4, "stream", "storage"), (2, "materialize", "storage")])
+def test_elastic_determinism_local(reference, local_tokens, tmp_path, workers, ingest, split):
+    smoke_run(local_tokens, tmp_path, workers, ingest, rank_split=split)
     steps = traced_steps(tmp_path)
     assert {s: frozenset(ids) for s, ids in steps.items()} == reference
     assert all(len(ids) == BATCH for ids in steps.values())  # no sample twice in a step
+    per_window = defaultdict(list)
+    for d in reads_of(tmp_path, world=workers):
+        per_window[(d["epoch"], d["window"])].append(len(d["shards"]))
+    if split == "interleaved" or workers == 1:  # every rank reads each of its windows' 2 shards
+        assert all(n == 2 for ns in per_window.values() for n in ns), per_window
+    elif workers == 4:  # 8 of a batch's 32 samples a rank: the first and last ranks' lie in one shard
+        assert sum(n == 1 for ns in per_window.values() for n in ns) >= len(per_window), per_window
 
 
 @pytest.mark.ray

@@ -74,16 +74,62 @@ def test_smoke_search_writes_a_column_per_searched_key_the_best_setting_and_the_
     space = tmp_path / "space.yaml"
     space.write_text("lr: {choice: [1.0e-3, 2.0e-3]}\naugment:\n  noise_prob: {uniform: [0.0, 0.5]}\n")
     out = tmp_path / "sweep"
-    # optuna + ASHA decide on val_top1; log_every=1 sends them step reports without it in between
-    res = run_job("jobs/sweep.py", "--smoke-test", "--budgets", "2%", "--space", str(space), "--num-samples", "2",
+    # optuna + ASHA decide on val_top1; log_every=1 sends them step reports without it in between. Three samples on
+    # two CPUs: the third starts only once the first two trials' CPUs are freed (ASHA stops them at the last step)
+    res = run_job("jobs/sweep.py", "--smoke-test", "--budgets", "2%", "--space", str(space), "--num-samples", "3",
                   "--search", "optuna", "--asha", "--set", "log_every=1", "--out", str(out), timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert _result(res)["trials"] == 2 and _result(res)["failed"] == 0
+    assert _result(res)["trials"] == 3 and _result(res)["failed"] == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 2 and {"lr", "augment.noise_prob", "protocol", "steps"} <= set(rows[0])
+    assert len(rows) == 3 and {"lr", "augment.noise_prob", "protocol", "steps"} <= set(rows[0])
     assert {r["lr"] for r in rows} <= {"0.001", "0.002"} and all(0 <= float(r["augment.noise_prob"]) <= 0.5 for r in rows)
     assert {(r["protocol"], r["steps"]) for r in rows} == {("steps", "3")}
     md = (out / "results.md").read_text()
     assert "Best setting per budget:" in md and "| budget | method | samples searched | top1 | lr | augment.noise_prob |" in md
     assert (out / "results-space.png").stat().st_size > 0
-    assert len({p.parent.name for p in (out / "trials" / "cifar_seit-2pct").glob("*/config.json")}) == 2  # a run dir each
+    assert len({p.parent.name for p in (out / "trials" / "cifar_seit-2pct").glob("*/config.json")}) == 3  # a run dir each
+
+
+KILLED_TRIAL = '''
+import json, os, sys, time
+import ray, ray.train
+from ray.train.torch import TorchTrainer
+from tokray.runtime import init_ray
+
+def loop(config):
+    open(config["started"], "w").close()
+    time.sleep(600)
+
+@ray.remote(num_cpus=0)
+class Trial:
+    def fit(self, started):
+        TorchTrainer(loop, train_loop_config={"started": started},
+                     scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1})).fit()
+
+def cpus_reserved():
+    return sum(b.get("CPU", 0) for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"
+               for b in pg["bundles"].values())
+
+init_ray(dashboard=True)
+trial = Trial.remote()
+trial.fit.remote(sys.argv[1])
+deadline = time.time() + 180
+while not os.path.exists(sys.argv[1]) and time.time() < deadline:
+    time.sleep(0.5)
+held = cpus_reserved()
+ray.kill(trial)  # what Tune does to a trial ASHA stops: its Train controller dies with it
+deadline = time.time() + 60
+while cpus_reserved() > 0 and time.time() < deadline:
+    time.sleep(1)
+print(json.dumps({"held": held, "left": cpus_reserved()}))
+'''
+
+
+def test_a_killed_trials_train_workers_give_their_cpus_back(ray_session, tmp_path):
+    """The sweep's Ray (init_ray(dashboard=True)), with another Ray on the machine (this session's): once a trial's
+    Train controller is killed, Ray Train's cleaner frees its workers' CPUs; a search would stall without it."""
+    script = tmp_path / "killed_trial.py"
+    script.write_text(KILLED_TRIAL)
+    res = run_job(str(script), str(tmp_path / "started"), timeout=420)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _result(res) == {"held": 1.0, "left": 0}

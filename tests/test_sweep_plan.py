@@ -186,3 +186,16 @@ def test_trials_start_with_the_full_pixel_reference_then_budget_by_budget():
     per_budget = ["cifar_seit", "cifar_seitpp", "pixels 32px"]
     assert [(t["budget"], t["method"]) for t in run_order(cfg, trials)] == \
         [("100%", "pixels-full")] + [(b, m) for b in ("100%", "30%", "10%") for m in per_budget]
+
+
+def test_the_full_pixel_reference_is_its_own_experiment():
+    """Adding the reference to a finished sweep leaves the other trials' pinned list (and results) as they were."""
+    from tokray.sweep.plan import run_order
+    from tokray.sweep.run import split_reference
+
+    cfg = SweepConfig(recipes=("cifar_seit",))
+    rest = run_order(cfg, token_trials(cfg, SUBSETS, FULL) + [{"kind": "pixels", "budget": "10%", "method": "pixels 8px"}])
+    reference, others = split_reference(run_order(cfg, rest + [{"kind": "pixels", "budget": "100%",
+                                                                "method": "pixels-full"}]))
+    assert [t["method"] for t in reference] == ["pixels-full"] and others == rest
+    assert split_reference(rest) == ([], rest)

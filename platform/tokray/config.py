@@ -12,6 +12,7 @@ import json
 
 TASKS = ("mtm", "classify")
 INGEST_MODES = ("auto", "stream", "materialize")  # tokray.data.ingest
+RANK_SPLITS = ("interleaved", "storage")  # tokray.data.order
 # AugmentConfig.num_classes in a recipe: the classes of the dataset the run trains on, set by its task
 CLASSES_FROM_DATA = -1
 
@@ -140,6 +141,7 @@ class TrainConfig:
     ingest: str = "auto"  # stream | materialize | auto (materialize when the set fits materialize_fraction)
     materialize_fraction: float = 0.25  # auto: the share of the cluster's object store a materialized set may use
     shuffle_window: int = 262_144  # samples shuffled together (whole shards; all of a smaller set)
+    rank_split: str = "interleaved"  # which rank takes which samples of a global batch (tokray.data.order)
     ckpt_every: int = 200
     log_every: int = 20
     max_failures: int = 2
@@ -158,6 +160,8 @@ class TrainConfig:
                              f"x grad_accum {self.grad_accum}")
         if self.ingest not in INGEST_MODES:
             raise ValueError(f"ingest {self.ingest!r}: choose one of {', '.join(INGEST_MODES)}")
+        if self.rank_split not in RANK_SPLITS:
+            raise ValueError(f"rank_split {self.rank_split!r}: choose one of {', '.join(RANK_SPLITS)}")
         if not 0 < self.materialize_fraction <= 1:
             raise ValueError(f"materialize_fraction must be in (0, 1], got {self.materialize_fraction}")
         if not self.gpus_per_worker > 0 or (self.gpus_per_worker > 1 and not float(self.gpus_per_worker).is_integer()):

@@ -2,14 +2,14 @@
 
 Two modes, one order:
 - ``stream``: every epoch, each rank runs a Ray Data read over the epoch's windows; a read task reads
-  its window's shards straight from the store (local, S3 through the node's cache tier, LMDB),
-  shuffles the window's rows and keeps the rank's slice of every global batch. Memory is a few
+  the window's shards that hold the rank's rows straight from the store (local, S3 through the node's
+  cache tier, LMDB) and takes the rank's slice of every global batch, in order. Memory is a few
   windows per rank, whatever the size of the dataset.
 - ``materialize``: the driver reads and verifies every shard once into Ray's object store; the
   same read tasks then take the shards from there instead of the store.
 ``auto`` materializes when the decoded dataset fits ``materialize_fraction`` of the cluster's object
-store. A rank reads whole windows and keeps 1/W of them: reading a little more than its share (token
-samples are ~100 B to ~2 KB) buys an order that does not depend on W.
+store. A read task reads only the shards of its window that hold the rank's rows: all of them with the
+default ``rank_split`` (interleaved), about 1/W of them with ``storage`` (tokray.data.order).
 """
 
 from __future__ import annotations
@@ -93,14 +93,15 @@ def plan_ingest(uri: str, cfg, trace_dir: str = "") -> Ingest:
 
     ds = open_dataset(uri)
     m = ds.manifest
-    order = SampleOrder.for_dataset([s.rows for s in m.shards], cfg.seed, cfg.shuffle_window, cfg.batch_size)
+    order = SampleOrder.for_dataset([s.rows for s in m.shards], cfg.seed, cfg.shuffle_window, cfg.batch_size,
+                                    cfg.rank_split)
     decoded = ds.format.inmemory_bytes(m.meta, m.num_samples, m.shard_bytes)
     store = ray.cluster_resources().get("object_store_memory", 0.0)
     chosen = resolve_mode(cfg.ingest, decoded, store, cfg.materialize_fraction)
     log.info("ingest %s (%s): %d samples, %.1f MB decoded, object store %.0f MB (materialize up to %.0f%%); "
-             "windows of %d of %d shards, global batch %d", chosen, "auto" if cfg.ingest == "auto" else "asked",
+             "windows of %d of %d shards, global batch %d split %s", chosen, "auto" if cfg.ingest == "auto" else "asked",
              m.num_samples, decoded / 1e6, store / 1e6, 100 * cfg.materialize_fraction, order.window_shards,
-             len(m.shards), order.global_batch)
+             len(m.shards), order.global_batch, order.split)
     blocks = materialize_shards(ds) if chosen == "materialize" else ()
     return Ingest(chosen, ds.uri, m, order, blocks, trace_dir)
 
@@ -165,18 +166,32 @@ class _WindowSource(Datasource):
 def _window_reader(ingest: Ingest, epoch: int, w: Window, start: int, rank: int, world: int):
     def read() -> Iterable[pa.Table]:
         ds = None if ingest.materialized else Dataset(open_store(ingest.uri), ingest.manifest)
-        table = pa.concat_tables([ingest.shard_table(s, ds) for s in w.shards])
         rows = ingest.order.rank_rows(epoch, w, rank, world, start)
+        shards, rows = needed_shards(tuple(ingest.order.shard_rows[s] for s in w.shards), rows)
+        table = pa.concat_tables([ingest.shard_table(w.shards[k], ds) for k in shards])
         if ingest.trace_dir:
-            _trace_read(ingest.trace_dir, epoch, w, rank, world, start, len(rows))
-        yield table.take(pa.array(rows.astype(np.int64)))
+            _trace_read(ingest.trace_dir, epoch, w, [w.shards[k] for k in shards], rank, world, start, len(rows))
+        yield table.take(pa.array(rows))
     return read
 
 
-def _trace_read(trace_dir: str, epoch: int, w: Window, rank: int, world: int, start: int, kept: int) -> None:
-    """One line per window read (an audit of what a rank read: resume must not read skipped windows)."""
+def needed_shards(window_rows: tuple[int, ...], rows: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """The window's shards (indices into it) that hold any of ``rows`` (rows of the window's shards
+    concatenated), and the rows renumbered into just those shards concatenated: the others are not read."""
+    firsts = np.concatenate([[0], np.cumsum(window_rows)[:-1]]).astype(np.int64)
+    shard_of = np.searchsorted(firsts, rows, side="right") - 1
+    keep = np.unique(shard_of)
+    kept_firsts = np.zeros(len(window_rows), dtype=np.int64)
+    kept_firsts[keep] = np.concatenate([[0], np.cumsum(np.asarray(window_rows)[keep])[:-1]])
+    return keep.tolist(), (rows - firsts[shard_of] + kept_firsts[shard_of]).astype(np.int64)
+
+
+def _trace_read(trace_dir: str, epoch: int, w: Window, shards: list[int], rank: int, world: int, start: int,
+                kept: int) -> None:
+    """One line per window read, naming the shards read (an audit of what a rank read: resume must not read
+    skipped windows, a rank reads only the shards that hold its rows)."""
     os.makedirs(trace_dir, exist_ok=True)
-    line = json.dumps({"epoch": epoch, "window": w.index, "shards": list(w.shards), "rank": rank, "world": world,
+    line = json.dumps({"epoch": epoch, "window": w.index, "shards": shards, "rank": rank, "world": world,
                        "start": start, "rows_kept": kept, "pid": os.getpid()})
     with open(os.path.join(trace_dir, f"rank{rank}.jsonl"), "a") as f:  # one short O_APPEND write
         f.write(line + "\n")

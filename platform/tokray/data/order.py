@@ -2,11 +2,21 @@
 
 Each epoch permutes the shards (seeded by seed and epoch), cuts the permuted list into windows of
 ``window_shards`` consecutive shards, and permutes the rows inside each window. Concatenated, the
-windows give the epoch's sequence of samples; global batch ``b`` is positions [b*B, (b+1)*B) of it and
-rank r of W takes the slice [b*B + r*B/W, b*B + (r+1)*B/W). So the union of the ranks' batches at a
-step is the same set for every W that divides B, whichever store the shards come from, however many
-read tasks run and wherever blocks live. What it does depend on: the shard list (rows per shard, in
-manifest order), the seed, the window and the global batch. Nothing is read to compute it.
+windows give the epoch's sequence of samples; global batch ``b`` is positions [b*B, (b+1)*B) of it. The
+union of the ranks' batches at a step is that set for every W that divides B, whichever store the shards
+come from, however many read tasks run and wherever blocks live. What it depends on: the shard list
+(rows per shard, in manifest order), the seed, the window and the global batch. Nothing is read to
+compute it.
+
+Which rank trains on which sample of a global batch does not change the step (its gradient is the mean
+over the union); ``split`` chooses:
+- ``interleaved`` (default): rank r takes the slice [b*B + r*B/W, b*B + (r+1)*B/W) of the shuffled batch,
+  so each rank's batch is a random draw from the window; every rank reads all of a window's shards.
+- ``storage``: the batch's samples are ranked by where they are stored (window, then shard, then row) and
+  rank r takes ranks [r*B/W, (r+1)*B/W), in the batch's shuffled order. A rank then reads about 1/W of a
+  window's shards (plus the one or two at its boundary); its batch holds only what those shards hold
+  (a set stored sorted by class gives each rank some of the classes, and rank-local CutMix/Mixup mixes
+  within them), so it suits sets written in random order.
 
 A position in the order is (epoch, samples consumed); resuming there skips every window that ends
 before it without reading it, then the consumed rows of the window it falls in.
@@ -41,20 +51,24 @@ class SampleOrder:
     seed: int
     window_shards: int  # shards shuffled together
     global_batch: int
+    split: str = "interleaved"  # or "storage": see the module doc
 
     def __post_init__(self):
         if self.window_shards < 1 or self.global_batch < 1:
             raise ValueError(f"window_shards and global_batch must be >= 1, got {self.window_shards}, "
                              f"{self.global_batch}")
+        if self.split not in ("interleaved", "storage"):
+            raise ValueError(f"split {self.split!r}: choose interleaved or storage")
         if sum(self.shard_rows) < self.global_batch:
             raise ValueError(f"{sum(self.shard_rows)} samples are fewer than one global batch of {self.global_batch}")
 
     @classmethod
-    def for_dataset(cls, shard_rows, seed: int, window_samples: int, global_batch: int) -> "SampleOrder":
+    def for_dataset(cls, shard_rows, seed: int, window_samples: int, global_batch: int,
+                    split: str = "interleaved") -> "SampleOrder":
         """Windows of about ``window_samples`` samples (at least one shard; all of them for a small set)."""
         rows = tuple(int(r) for r in shard_rows)
         mean = max(1, sum(rows) // max(1, len(rows)))
-        return cls(rows, int(seed), max(1, min(len(rows), round(window_samples / mean))), int(global_batch))
+        return cls(rows, int(seed), max(1, min(len(rows), round(window_samples / mean))), int(global_batch), split)
 
     @property
     def num_samples(self) -> int:
@@ -89,10 +103,21 @@ class SampleOrder:
 
     def rank_rows(self, epoch: int, window: Window, rank: int, world: int, start: int = 0) -> np.ndarray:
         """Rows (into the window's concatenated shards) that ``rank`` of ``world`` trains on, in its order:
-        its slice of every global batch, from position ``start`` on, whole batches only."""
+        its part of every global batch (``split``), from position ``start`` on, whole batches only."""
         if self.global_batch % world:
             raise ValueError(f"the global batch {self.global_batch} does not divide over {world} workers")
         per_rank = self.global_batch // world
+        perm = self.window_permutation(epoch, window)
         pos = window.start + np.arange(window.rows)
-        mine = ((pos % self.global_batch) // per_rank == rank) & (pos >= start) & (pos < self.used_per_epoch)
-        return self.window_permutation(epoch, window)[mine]
+        offset = self._storage_offsets(pos, perm) if self.split == "storage" else pos % self.global_batch
+        mine = (offset // per_rank == rank) & (pos >= start) & (pos < self.used_per_epoch)
+        return perm[mine]
+
+    def _storage_offsets(self, pos: np.ndarray, perm: np.ndarray) -> np.ndarray:
+        """Each position's place in its batch once the batch is sorted by stored row. A batch's part in the
+        previous window is stored before all of this window, so its sorted places here start after that part."""
+        batch = pos // self.global_batch
+        by_storage = np.lexsort((perm, batch))
+        offset = np.empty(len(pos), dtype=np.int64)
+        offset[by_storage] = pos - batch[by_storage] * self.global_batch
+        return offset

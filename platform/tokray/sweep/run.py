@@ -139,20 +139,29 @@ def _sample_row(trial: dict, result, name: str, keys: list[str]) -> dict:
             "space": {k: (result.config or {}).get(k) for k in keys}}  # None for a trial that died unstarted
 
 
-def finished_rows(trials: list[dict], sweep) -> list[dict]:
+def split_reference(trials: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The full-pixel reference apart from the other fine-tuning trials: it is its own Tune experiment
+    (``tune/reference``), so a sweep can add it later (it is the same run under both protocols at 100%)
+    without changing the pinned plan of its other trials."""
+    return ([t for t in trials if t.get("method") == "pixels-full"],
+            [t for t in trials if t.get("method") != "pixels-full"])
+
+
+def finished_rows(reference: list[dict], trials: list[dict], sweep) -> list[dict]:
     """The fine-tuning trials that have finished so far (of a running or interrupted sweep), read from their
     Tune experiments without running anything: ``--report``."""
     from ray import tune
 
     storage = os.path.join(os.path.abspath(sweep.out), "tune")
     keys = [p.key for p in sweep.space]
+    phases = [("reference", reference, _indexed_trial, {"trials": reference})] if reference else []
     if sweep.space:  # one experiment per token trial; pixel trials are one "finetune" phase
         tokens = [t for t in trials if t["kind"] == "tokens"]
-        phases = [(f"search-{os.path.basename(t['out'])}", [t], _searched_trial, {"trial": {**t, "space_keys": keys}})
-                  for t in tokens]
+        phases += [(f"search-{os.path.basename(t['out'])}", [t], _searched_trial, {"trial": {**t, "space_keys": keys}})
+                   for t in tokens]
         rest = [t for t in trials if t["kind"] != "tokens"]
     else:
-        phases, rest = [], trials
+        rest = trials
     if rest:
         phases.append(("finetune", rest, _indexed_trial, {"trials": rest}))
     rows = []
@@ -164,7 +173,7 @@ def finished_rows(trials: list[dict], sweep) -> list[dict]:
         for r in tune.Tuner.restore(path, trainable).get_results():
             if not (r.metrics or {}).get("done"):
                 continue
-            rows.append(_row(listed[r.config["index"]], r, name) if name == "finetune"
+            rows.append(_row(listed[r.config["index"]], r, name) if name in ("reference", "finetune")
                         else _sample_row(listed[0], r, name, keys))
     return sorted(rows, key=lambda r: r["out"])
 
