@@ -48,6 +48,14 @@ def test_lmdb_random_access_and_copy_between_stores(tmp_path, s3_bucket):
         ds.get(1500)
     with pytest.raises(ValueError, match="LMDB"):
         open_dataset(str(tmp_path / "src")).get(3)
+    asked = np.array([1499, 0, 400, 399, 1234, 0, 777])  # unsorted, across shards, one id twice
+    batch = ds.get_many(asked)
+    np.testing.assert_array_equal(batch["sample_id"], asked)
+    np.testing.assert_array_equal(batch["ids"], ids[asked])
+    np.testing.assert_array_equal(batch["label"], labels[asked])
+    for outside in (1500, -1):
+        with pytest.raises(KeyError, match=str(outside)):
+            ds.get_many(np.array([3, outside, 5]))
 
 
 def test_storage_cost_is_near_the_entropy_bound(tmp_path):

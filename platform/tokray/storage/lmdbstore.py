@@ -41,9 +41,10 @@ class LMDBStore(Store):
         self._handles = None
         self._verified: set[str] = set()
         self._firsts: dict[int, list[int]] = {}  # id(shard tuple) -> first sample ids, for bisect
+        self._key_ranges: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(shard tuple) -> (firsts, lasts)
 
     def __getstate__(self):
-        return {**self.__dict__, "_env": None, "_handles": None, "_verified": set(), "_firsts": {}}
+        return {**self.__dict__, "_env": None, "_handles": None, "_verified": set(), "_firsts": {}, "_key_ranges": {}}
 
     def check(self, for_write):
         if os.path.exists(self.uri.path) and not os.path.isdir(self.uri.path):
@@ -190,14 +191,22 @@ class LMDBStore(Store):
 
     def _check_owned(self, sample_ids: np.ndarray, shards: tuple[ShardInfo, ...]) -> None:
         """Every id lies in a shard's key range; each shard touched is verified on its first access."""
-        firsts = np.array([s.first_sample_id for s in shards], dtype=np.int64)
+        firsts, lasts = self._ranges(shards)
         owner = np.searchsorted(firsts, sample_ids, side="right") - 1  # shards hold ascending key ranges
-        for i in np.unique(owner):
-            inside = sample_ids[owner == i]
-            if i < 0 or not (inside <= shards[int(i)].last_sample_id).all():
-                raise KeyError(f"sample id {int(inside[0] if i < 0 else inside.max())} is not in {self.uri}")
+        outside = (owner < 0) | (sample_ids > lasts[np.maximum(owner, 0)])
+        if outside.any():
+            raise KeyError(f"sample id {int(sample_ids[outside.argmax()])} is not in {self.uri}")
+        for i in np.unique(owner):  # vectorized above: this loop only finds shards not verified yet
             if shards[int(i)].path not in self._verified:
                 self._verified_scan(shards[int(i)])
+
+    def _ranges(self, shards: tuple[ShardInfo, ...]) -> tuple[np.ndarray, np.ndarray]:
+        ranges = self._key_ranges.get(id(shards))
+        if ranges is None:
+            ranges = self._key_ranges[id(shards)] = (
+                np.array([s.first_sample_id for s in shards], dtype=np.int64),
+                np.array([s.last_sample_id for s in shards], dtype=np.int64))
+        return ranges
 
     def get_one(self, sample_id: int, shards: tuple[ShardInfo, ...]) -> bytes:
         """The stored value (int32 label + payload) of one sample id."""
