@@ -6,7 +6,6 @@ is one write transaction over a key range; its digest covers its keys and values
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import logging
 import os
@@ -40,11 +39,10 @@ class LMDBStore(Store):
         self._env = None
         self._handles = None
         self._verified: set[str] = set()
-        self._firsts: dict[int, list[int]] = {}  # id(shard tuple) -> first sample ids, for bisect
         self._key_ranges: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(shard tuple) -> (firsts, lasts)
 
     def __getstate__(self):
-        return {**self.__dict__, "_env": None, "_handles": None, "_verified": set(), "_firsts": {}, "_key_ranges": {}}
+        return {**self.__dict__, "_env": None, "_handles": None, "_verified": set(), "_key_ranges": {}}
 
     def check(self, for_write):
         if os.path.exists(self.uri.path) and not os.path.isdir(self.uri.path):
@@ -210,11 +208,9 @@ class LMDBStore(Store):
 
     def get_one(self, sample_id: int, shards: tuple[ShardInfo, ...]) -> bytes:
         """The stored value (int32 label + payload) of one sample id."""
-        firsts = self._firsts.get(id(shards))
-        if firsts is None:
-            firsts = self._firsts[id(shards)] = [s.first_sample_id for s in shards]
-        i = bisect.bisect_right(firsts, sample_id) - 1
-        if i < 0 or sample_id > shards[i].last_sample_id:
+        firsts, lasts = self._ranges(shards)
+        i = int(np.searchsorted(firsts, sample_id, side="right")) - 1
+        if i < 0 or sample_id > lasts[i]:
             raise KeyError(f"sample id {sample_id} is not in {self.uri}")
         if shards[i].path not in self._verified:
             self._verified_scan(shards[i])
