@@ -39,7 +39,8 @@ class LMDBStore(Store):
         self._env = None
         self._handles = None
         self._verified: set[str] = set()
-        self._key_ranges: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(shard tuple) -> (firsts, lasts)
+        # id(shard tuple) -> (that tuple, first ids, last ids); holding the tuple keeps its id from being reused
+        self._key_ranges: dict[int, tuple[tuple, np.ndarray, np.ndarray]] = {}
 
     def __getstate__(self):
         return {**self.__dict__, "_env": None, "_handles": None, "_verified": set(), "_key_ranges": {}}
@@ -199,12 +200,13 @@ class LMDBStore(Store):
                 self._verified_scan(shards[int(i)])
 
     def _ranges(self, shards: tuple[ShardInfo, ...]) -> tuple[np.ndarray, np.ndarray]:
-        ranges = self._key_ranges.get(id(shards))
-        if ranges is None:
-            ranges = self._key_ranges[id(shards)] = (
-                np.array([s.first_sample_id for s in shards], dtype=np.int64),
+        """First and last sample id of each shard, computed once per shard tuple (a manifest's)."""
+        entry = self._key_ranges.get(id(shards))
+        if entry is None:
+            entry = self._key_ranges[id(shards)] = (
+                shards, np.array([s.first_sample_id for s in shards], dtype=np.int64),
                 np.array([s.last_sample_id for s in shards], dtype=np.int64))
-        return ranges
+        return entry[1], entry[2]
 
     def get_one(self, sample_id: int, shards: tuple[ShardInfo, ...]) -> bytes:
         """The stored value (int32 label + payload) of one sample id."""
