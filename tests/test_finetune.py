@@ -148,3 +148,25 @@ def test_layer_decay_scales_lr_from_the_head_down():
     assert scale[id(model.patch_embed.embed.weight)] == 0.5 ** 5
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert id(model.pos_embed) in no_decay and id(model.blocks[0].norm1.weight) in no_decay
+
+
+def test_validation_counts_every_sample_once_whatever_order_each_rank_reads():
+    """Ranks read the validation stream in different batch orders (Ray Data does not promise one); the
+    split is by sample id, so two ranks together score each of 5,000 samples exactly once."""
+    from tokray.train.tasks import rank_top1
+
+    class FirstLogitIsLabel(torch.nn.Module):  # predicts class ids[:, 0] -> right iff ids[:, 0] == label
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0].long(), 10).float()
+
+    n, b = 5000, 16
+    sid = torch.arange(n)
+    label = sid % 10
+    ids = torch.where(sid % 3 == 0, label, (label + 1) % 10)[:, None]  # a third right
+    batches = [{"ids": ids[i:i + b], "label": label[i:i + b], "sample_id": sid[i:i + b]} for i in range(0, n, b)]
+    rng = np.random.default_rng(0)
+    orders = [rng.permutation(len(batches)) for _ in range(2)]
+    counts = [rank_top1(FirstLogitIsLabel(), [batches[j] for j in o], "cpu", rank=r, world=2)
+              for r, o in enumerate(orders)]
+    assert sum(s for _, s in counts) == n and counts[0][1] == counts[1][1] == n // 2
+    assert sum(c for c, _ in counts) == int((sid % 3 == 0).sum())

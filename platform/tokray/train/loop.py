@@ -6,7 +6,8 @@ stream of token (or pixel) batches, runs the task on its device and steps AdamW 
 ``ckpt_every`` steps and at the end) hold model, optimizer, (EMA), step, config and the dataset's
 DataSpec; the data position is the step within its epoch, so a restored run skips
 the batches its epoch already used and continues the step count. Classification measures top-1 on
-the (unsplit) validation stream at every epoch end, each rank taking every world-th batch.
+the (unsplit) validation stream at every epoch end, each rank scoring the samples whose id % world
+is its rank.
 """
 
 from __future__ import annotations

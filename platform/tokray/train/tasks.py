@@ -218,23 +218,35 @@ def make_task(cfg: TrainConfig, spec: DataSpec, codebook: torch.Tensor | None = 
 @torch.no_grad()
 def top1(model: torch.nn.Module, batches, device, rank: int = 0, world: int = 1, view=None,
          key: str = "ids") -> tuple[int, int]:
-    """(correct, seen) over every batch (rank r takes batches r, r + world, ...), summed over ranks;
-    ``view`` maps a batch's ids to what the model takes (e.g. the central crop)."""
-    was_training = model.training
-    model.eval()
-    correct = seen = 0
-    for i, batch in enumerate(batches):
-        if i % world != rank:
-            continue
-        x = batch[key].to(device, non_blocking=True)
-        logits = model(view(x) if view is not None else x)
-        correct += int((logits.argmax(-1).cpu() == batch["label"]).sum())
-        seen += len(batch["label"])
-    model.train(was_training)
+    """(correct, seen) over every sample of ``batches``, summed over ranks; ``view`` maps a batch's ids to
+    what the model takes (e.g. the central crop)."""
+    correct, seen = rank_top1(model, batches, device, rank, world, view, key)
     if world > 1:
         import torch.distributed as dist
 
         t = torch.tensor([correct, seen], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         correct, seen = int(t[0]), int(t[1])
+    return correct, seen
+
+
+@torch.no_grad()
+def rank_top1(model: torch.nn.Module, batches, device, rank: int = 0, world: int = 1, view=None,
+              key: str = "ids") -> tuple[int, int]:
+    """This rank's (correct, seen): the samples whose sample_id % world == rank. Every rank reads the
+    whole stream, and the stream's batch order differs between ranks, so the split is by sample, not
+    by batch position (that once counted the last partial batch on both ranks: 4,992 of 5,000)."""
+    was_training = model.training
+    model.eval()
+    correct = seen = 0
+    for batch in batches:
+        mine = slice(None) if world == 1 else (batch["sample_id"] % world == rank)
+        labels = batch["label"][mine]
+        if not len(labels):
+            continue
+        x = batch[key][mine].to(device, non_blocking=True)
+        logits = model(view(x) if view is not None else x)
+        correct += int((logits.argmax(-1).cpu() == labels).sum())
+        seen += len(labels)
+    model.train(was_training)
     return correct, seen
