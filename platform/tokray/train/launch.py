@@ -280,7 +280,7 @@ def fit(plan: RunPlan, callbacks: list | None = None, tracking=None):
     # feeding the workers) carry this context
     ray.data.DataContext.get_current().enable_progress_bars = False
     # the training set: each rank reads its slice of the global sample order (tokray.data.ingest), streamed
-    # or from the object store; validation is read whole by every rank (each scores every world-th batch)
+    # or from the object store; validation is read whole by every rank (each scores its share of the sample ids)
     try:
         ingest = plan_ingest(plan.data_uri, cfg, os.path.join(cfg.out, "trace", "reads") if cfg.trace_batches else "")
         datasets = {"val": read_ray_dataset(plan.eval_uri).materialize()} if plan.eval_data is not None else {}
