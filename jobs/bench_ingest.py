@@ -53,14 +53,17 @@ def consume_loop(config: dict) -> None:
     t0 = time.perf_counter()
     first = None
     seen, peak, rss_first = 0, proc.memory_info().rss, 0
-    for epoch in range(config["epochs"]):
-        for batch in iter_torch_batches(ingest.epoch_dataset(epoch, 0, rank, world), spec, micro, drop_last=True):
+    epoch = 0
+    while epoch < config["epochs"]:  # one stream over several epochs, as the training loop reads them
+        last = ingest.stream_end(epoch, config["epochs"] - 1)
+        for batch in iter_torch_batches(ingest.dataset(epoch, 0, rank, world, last), spec, micro, drop_last=True):
             seen += len(batch["label"])
             if first is None:
                 first = time.perf_counter() - t0
                 rss_first = proc.memory_info().rss
             if seen // micro % 16 == 0:
                 peak = max(peak, proc.memory_info().rss)
+        epoch = last + 1
     elapsed = time.perf_counter() - t0 - (first or 0)
     peak = max(peak, proc.memory_info().rss)
     mine = {"rank": rank, "samples": seen, "samples_per_s": seen / max(elapsed, 1e-9), "first_batch_s": first,

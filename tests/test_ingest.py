@@ -109,6 +109,22 @@ def test_reading_only_the_needed_shards_gives_the_same_rows(split):
             assert reads < 4 * len(w.shards)
 
 
+def test_one_stream_over_epochs_reads_what_the_epochs_read_one_by_one():
+    """A stream from a mid-epoch position through later epochs plans the same read tasks, in order, as the
+    epochs planned one at a time: the remaining windows of the first, then every window of the rest."""
+    from tokray.data.ingest import STREAM_WINDOWS, Ingest, _WindowSource
+
+    order = _order()
+    ingest = Ingest("stream", "unused://", None, order)
+    start = 7 * BATCH  # inside window 1 of epoch 2
+    one = _WindowSource(ingest, 2, start, 1, 2, 4).parts
+    by_epoch = [p for e in (2, 3, 4) for p in _WindowSource(ingest, e, start if e == 2 else 0, 1, 2, e).parts]
+    assert one == by_epoch and [(e, w.index, s) for e, w, s in one[:4]] == [(2, 1, start), (2, 2, start),
+                                                                            (2, 3, start), (3, 0, 0)]
+    assert ingest.stream_end(2, 9) == 9  # 4 windows an epoch: the whole run in one stream
+    assert ingest.stream_end(2, 10**6) == 2 + STREAM_WINDOWS // 4 - 1
+
+
 @pytest.mark.parametrize("lo,hi,batch,per_rank,rank", [(0, 640, 32, 8, 3), (13, 301, 32, 16, 1), (5, 5, 8, 4, 0),
                                                        (100, 611, 64, 64, 0), (31, 97, 32, 8, 0)])
 def test_rank_row_counts_match_the_rows(lo, hi, batch, per_rank, rank):

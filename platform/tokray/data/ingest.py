@@ -1,7 +1,8 @@
 """Training ingest: each rank's part of the global sample order (tokray.data.order), as Ray Data streams.
 
 Two modes, one order:
-- ``stream``: every epoch, each rank runs a Ray Data read over the epoch's windows; a read task reads
+- ``stream``: each rank runs one Ray Data read over the windows of the epochs ahead (whole epochs, up to
+  ``STREAM_WINDOWS`` windows, so an epoch boundary does not stall the stream); a read task reads
   the window's shards that hold the rank's rows straight from the store (local, S3 through the node's
   cache tier, LMDB) and takes the rank's slice of every global batch, in order. Memory is a few
   windows per rank, whatever the size of the dataset.
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 NODE_ID_LABEL = "ray.io/node-id"  # every node's built-in label (ray._raylet.RAY_NODE_ID_KEY)
 READS_IN_FLIGHT = 2
+STREAM_WINDOWS = 512  # windows one Ray Data stream plans at most (whole epochs; see Ingest.stream_end)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +61,11 @@ class Ingest:
             return ray.get(self.blocks[i])
         return dataset.read_shard(i)
 
-    def epoch_dataset(self, epoch: int, start: int, rank: int, world: int):
-        """A ``ray.data.Dataset`` of the rows ``rank`` of ``world`` trains on in ``epoch`` from position
-        ``start`` (samples consumed by the whole run), in training order."""
+    def dataset(self, epoch: int, start: int, rank: int, world: int, last_epoch: int | None = None):
+        """A ``ray.data.Dataset`` of the rows ``rank`` of ``world`` trains on from position (``epoch``, ``start``:
+        samples of it consumed by the whole run) through the end of ``last_epoch`` (default: ``epoch``), in
+        training order. One stream over several epochs reads the next epoch's first window while this epoch's
+        last one trains, instead of stalling on it at every epoch boundary."""
         import ray
         import ray.data
 
@@ -71,9 +75,15 @@ class Ingest:
         # reads run beside the worker: its node's cache tier, no transfer. No CPU is reserved for them: the
         # Train workers hold the node's CPUs, and reading + decoding a window is small next to a step
         here = {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}
+        source = _WindowSource(self, epoch, start, rank, world, epoch if last_epoch is None else last_epoch)
         # two read tasks at a time: one window in flight while the rank trains on the one before
-        return ray.data.read_datasource(_WindowSource(self, epoch, start, rank, world), num_cpus=0, label_selector=here,
-                                        concurrency=READS_IN_FLIGHT)
+        return ray.data.read_datasource(source, num_cpus=0, label_selector=here, concurrency=READS_IN_FLIGHT)
+
+    def stream_end(self, epoch: int, final_epoch: int) -> int:
+        """The last epoch one stream from ``epoch`` covers: through ``final_epoch`` (the run's last), but at most
+        ``STREAM_WINDOWS`` windows' worth of whole epochs (at least one), so planning one stays cheap."""
+        per_epoch = -(-len(self.order.shard_rows) // self.order.window_shards)
+        return min(final_epoch, epoch + max(1, STREAM_WINDOWS // per_epoch) - 1)
 
 
 def resolve_mode(mode: str, inmemory_bytes: int, object_store_bytes: float, fraction: float) -> str:
@@ -131,23 +141,26 @@ def rows_in_rank_slices(lo: int, hi: int, global_batch: int, per_rank: int, rank
 
 
 class _WindowSource(Datasource):
-    """One read task per window of the epoch, in order."""
+    """One read task per window, in order: epoch ``epoch``'s from position ``start`` on, then every window of
+    the epochs after it through ``last_epoch``."""
 
-    def __init__(self, ingest: Ingest, epoch: int, start: int, rank: int, world: int):
-        self.ingest, self.epoch, self.start, self.rank, self.world = ingest, epoch, start, rank, world
-        self.windows = ingest.order.windows(epoch, start)
+    def __init__(self, ingest: Ingest, epoch: int, start: int, rank: int, world: int, last_epoch: int):
+        self.ingest, self.rank, self.world = ingest, rank, world
+        self.parts = [(e, w, start if e == epoch else 0) for e in range(epoch, last_epoch + 1)
+                      for w in ingest.order.windows(e, start if e == epoch else 0)]
 
-    def _rows(self, w: Window) -> int:
+    def _rows(self, w: Window, start: int) -> int:
         o = self.ingest.order
-        lo, hi = max(w.start, self.start), min(w.end, o.used_per_epoch)
+        lo, hi = max(w.start, start), min(w.end, o.used_per_epoch)
         return rows_in_rank_slices(lo, hi, o.global_batch, o.global_batch // self.world, self.rank)
 
-    def _bytes(self, w: Window) -> int:
+    def _bytes(self, w: Window, start: int) -> int:
         m = self.ingest.manifest
-        return m.format.inmemory_bytes(m.meta, self._rows(w), sum(m.shards[s].bytes for s in w.shards) // self.world)
+        return m.format.inmemory_bytes(m.meta, self._rows(w, start),
+                                       sum(m.shards[s].bytes for s in w.shards) // self.world)
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(self._bytes(w) for w in self.windows)
+        return sum(self._bytes(w, start) for _, w, start in self.parts)
 
     def get_name(self) -> str:
         return "TokrayWindows"
@@ -155,10 +168,10 @@ class _WindowSource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         schema = self.ingest.manifest.format.schema(self.ingest.manifest.meta)
         tasks = []
-        for w in self.windows:
-            meta = BlockMetadata(num_rows=self._rows(w), size_bytes=self._bytes(w), exec_stats=None,
+        for epoch, w, start in self.parts:
+            meta = BlockMetadata(num_rows=self._rows(w, start), size_bytes=self._bytes(w, start), exec_stats=None,
                                  input_files=tuple(self.ingest.manifest.shards[s].path for s in w.shards))
-            tasks.append(ReadTask(_window_reader(self.ingest, self.epoch, w, self.start, self.rank, self.world),
+            tasks.append(ReadTask(_window_reader(self.ingest, epoch, w, start, self.rank, self.world),
                                   meta, schema=schema, per_task_row_limit=per_task_row_limit))
         return tasks
 

@@ -167,11 +167,14 @@ def train_loop_per_worker(config: dict) -> None:
     micro = cfg.batch_size // world // cfg.grad_accum
     trace = _batch_trace(cfg.out, rank, step) if cfg.trace_batches else None
     prog = _Progress()
+    final_epoch = (total - 1) // order.steps_per_epoch
     while step < total:
-        # this rank's slice of every global batch of the epoch, from the position on: nothing before it is read
-        stream = ingest.epoch_dataset(position.epoch, position.samples, rank, world)
+        # this rank's slice of every global batch from the position on (nothing before it is read), through
+        # the epochs one stream covers: epoch boundaries fall between batches (epochs are whole global batches)
+        stream = ingest.dataset(position.epoch, position.samples, rank, world,
+                                ingest.stream_end(position.epoch, final_epoch))
         batches = task.iter_batches(stream, micro, drop_last=True)
-        t0, epoch_start_step = time.perf_counter(), step
+        t0, stream_start_step = time.perf_counter(), step
         for i, batch in enumerate(batches):
             if step >= total:
                 break
@@ -221,7 +224,7 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics)
                 trackers.log(metrics, step)
             t0 = time.perf_counter()
-        if step == epoch_start_step:  # would loop forever: the order promised batches the stream did not give
+        if step == stream_start_step:  # would loop forever: the order promised batches the stream did not give
             raise RuntimeError(f"rank {rank}: epoch {position.epoch} from sample {position.samples} gave no batch of "
                                f"{micro}; the dataset at {ingest.uri} changed under the run?")
     for f in (tb, trace):
