@@ -198,7 +198,7 @@ def main() -> int:
     import ray
 
     from tokray.data.synth import SynthTokens
-    from tokray.storage.dataset import DatasetWriter
+    from tokray.storage.dataset import DatasetWriter, open_dataset
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         src = args.data
@@ -219,7 +219,12 @@ def main() -> int:
         rows = [run_case(uris[c.store], c, args, os.path.join(tmp, "runs", f"{c.store}-{c.mode}-{c.workers}-{c.split}"))
                 for c in cases]
     print_table(rows)
-    return print_result({"samples": args.samples, "grid": list(args.grid), "batch_size": args.batch_size,
+    samples, grid = args.samples, list(args.grid)
+    if args.data is not None:  # what was measured: the given dataset's size and grid, not the synthetic defaults
+        m = open_dataset(args.data).manifest
+        samples, grid = m.num_samples, list(m.meta.grid)
+    return print_result({"samples": samples, "data": args.data or "synthetic", "grid": grid,
+                         "batch_size": args.batch_size,
                          "epochs": args.epochs, "object_store_mb": args.object_store_mb, "cases": rows})
 
 
