@@ -290,7 +290,8 @@ def test_a_worker_failure_restarts_from_the_checkpoint_position(ray_session, loc
     smoke_run(local_tokens, tmp_path, 2, "materialize", max_steps=total, ckpt_every=3, max_failures=1)
     killer.join(1)
     starts = sorted({int(p.name.split("-from")[1].split("-")[0]) for p in (tmp_path / "trace").glob("rank0-*")})
-    assert len(starts) == 2 and starts[0] == 0 and 0 < starts[1] <= 11, starts  # one restart, from a checkpoint
+    # one restart, from a checkpoint (which one depends on how many steps ran before the SIGKILL landed)
+    assert len(starts) == 2 and starts[0] == 0 and 0 < starts[1] < total and starts[1] % 3 == 0, starts
     steps = {}
     for start in starts:  # a later start's lines replace what the failed attempt traced after its checkpoint
         for p in (tmp_path / "trace").glob(f"rank*-from{start}-*.jsonl"):

@@ -82,7 +82,11 @@ def _fmt(v) -> str:
 
 def print_result(obj: dict) -> int:
     """The job's last line: one JSON object with its figures. Returns 0, the job's exit code, so a job ends
-    with ``return print_result(...)``."""
+    with ``return print_result(...)``. A Ray this process started is shut down first: its log monitor forwards
+    worker and raylet lines to stdout at any time, and one landing after the JSON line breaks it as the last."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
     print(json.dumps(obj, sort_keys=True), flush=True)
     return 0
 
