@@ -61,9 +61,9 @@ class Ingest:
             return ray.get(self.blocks[i])
         return dataset.read_shard(i)
 
-    def dataset(self, epoch: int, start: int, rank: int, world: int, last_epoch: int | None = None):
+    def dataset(self, epoch: int, start: int, rank: int, world: int, last_epoch: int):
         """A ``ray.data.Dataset`` of the rows ``rank`` of ``world`` trains on from position (``epoch``, ``start``:
-        samples of it consumed by the whole run) through the end of ``last_epoch`` (default: ``epoch``), in
+        samples of it consumed by the whole run) through the end of ``last_epoch`` (``stream_end``), in
         training order. One stream over several epochs reads the next epoch's first window while this epoch's
         last one trains, instead of stalling on it at every epoch boundary."""
         import ray
@@ -75,15 +75,14 @@ class Ingest:
         # reads run beside the worker: its node's cache tier, no transfer. No CPU is reserved for them: the
         # Train workers hold the node's CPUs, and reading + decoding a window is small next to a step
         here = {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}
-        source = _WindowSource(self, epoch, start, rank, world, epoch if last_epoch is None else last_epoch)
+        source = _WindowSource(self, epoch, start, rank, world, last_epoch)
         # two read tasks at a time: one window in flight while the rank trains on the one before
         return ray.data.read_datasource(source, num_cpus=0, label_selector=here, concurrency=READS_IN_FLIGHT)
 
     def stream_end(self, epoch: int, final_epoch: int) -> int:
         """The last epoch one stream from ``epoch`` covers: through ``final_epoch`` (the run's last), but at most
         ``STREAM_WINDOWS`` windows' worth of whole epochs (at least one), so planning one stays cheap."""
-        per_epoch = -(-len(self.order.shard_rows) // self.order.window_shards)
-        return min(final_epoch, epoch + max(1, STREAM_WINDOWS // per_epoch) - 1)
+        return min(final_epoch, epoch + max(1, STREAM_WINDOWS // self.order.windows_per_epoch) - 1)
 
 
 def resolve_mode(mode: str, inmemory_bytes: int, object_store_bytes: float, fraction: float) -> str:

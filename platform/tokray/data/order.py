@@ -79,6 +79,10 @@ class SampleOrder:
         return self.num_samples // self.global_batch
 
     @property
+    def windows_per_epoch(self) -> int:
+        return -(-len(self.shard_rows) // self.window_shards)
+
+    @property
     def used_per_epoch(self) -> int:
         """Samples an epoch trains on: whole global batches (the remainder changes with the epoch's order)."""
         return self.steps_per_epoch * self.global_batch
