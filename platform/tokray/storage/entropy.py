@@ -537,7 +537,8 @@ class ContextModel:
                 strides.append(acc)
                 acc *= g
             # per feature: each neighbour id's context contribution, times the slots per context
-            tabs["ctx_m"] = [(gm * s) << self.scale_bits for gm, s in zip(self.groups, strides[::-1])]
+            ctx_m = [(gm.astype(np.int64) * s) << self.scale_bits for gm, s in zip(self.groups, strides[::-1])]
+            tabs["ctx_m"] = np.stack(ctx_m) if ctx_m else np.zeros((0, self.codebook_size + 1), np.int64)
             self._decoding = tabs
         return self._decoding
 
@@ -643,6 +644,28 @@ def _unpack_states(data: memoryview, off: int, lanes: int) -> tuple[np.ndarray, 
     return x, off + nbytes
 
 
+
+def _decode_plan(model: ContextModel, grid: tuple[int, int], rounds: int, rem: int, lanes: int,
+                 kin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the decode loop needs besides the tables: per position the neighbours' positions
+    [t, features] (-1 off the grid), the off-grid neighbours' context offset [t], and the lanes
+    renormalised after each position [3, t, 2] in an ordinary round, the second-to-last, the last."""
+    h, w = grid
+    t = h * w
+    none_offsets = model._decode_tables()["ctx_m"][:, model.codebook_size]
+    rows = _sources(grid, model.features)
+    src = np.array([[-1 if s is None else s for s in row] for row in rows], dtype=np.int64).reshape(t, len(model.features))
+    const = np.where(src < 0, none_offsets[None], 0).sum(axis=1).astype(np.int64)
+    spans = np.zeros((3, t, 2), dtype=np.int64)
+    block = _block(model.scale_bits)
+    for kind, r in enumerate((0, rounds - 2, rounds - 1)):
+        if r >= 0:
+            active = lanes if r < rounds - 1 else rem
+            tail = _tail_lanes(r, rounds, rem, lanes)
+            spans[kind] = [_renorm_span(p, t, kin, tail, active, block) for p in range(t)]
+    return src, const, spans
+
+
 def encode_ids(ids: np.ndarray, model: ContextModel, lanes: int | None = None) -> bytes:
     """Code ``ids`` [N, h, w] (any integer dtype, each < model.codebook_size) losslessly; the
     bytes decode with ``decode_ids(data, model, N, (h, w))``. ``lanes``: see ``default_lanes``."""
@@ -724,80 +747,26 @@ def decode_ids(data: bytes, model: ContextModel, n: int, grid: tuple[int, int]) 
         raise ValueError("coded ids: corrupt lane state")
     if (len(data) - off) % 4:
         raise ValueError("coded ids: truncated word stream")
-    words = np.frombuffer(data, "<u4", (len(data) - off) // 4, off).astype(np.int64)
-    nwords = words.size
+    words = np.frombuffer(data, "<u4", (len(data) - off) // 4, off)
     tabs = model._decode_tables()
-    ctx_m = tabs["ctx_m"]
     _, kb, fb, _ = _layout(model.codebook_size, mbi)
-    packed = model._packed
-    kmask, fmask, bsh, sh = (1 << kb) - 1, (1 << fb) - 1, kb + fb, mbi - kb
-    dec, sym, fs = tabs.get("dec"), tabs.get("sym"), tabs.get("fs")
-    mb, mask, ru = mbi, (1 << mbi) - 1, RANS_L
-    init_cap = (1 << mbi) ** kin
-    block = _block(mbi)
-    # per position: the context terms (table, source row), plus a constant for off-grid neighbours
-    const, terms = [], []
-    for row in _sources((h, w), model.features):
-        const.append(sum(int(cm[model.codebook_size]) for src, cm in zip(row, ctx_m) if src is None))
-        terms.append([(cm, src) for src, cm in zip(row, ctx_m) if src is not None])
+    none = np.zeros(1, np.uint32)
     rounds, rem = _lane_plan(n, lanes)
+    src, const, spans = _decode_plan(model, (h, w), rounds, rem, lanes, kin)
     out = np.empty((rounds * lanes, t), dtype=np.uint16)
-    tok = np.empty((t, lanes), dtype=np.int64)
-    ptr = 0
-    for r in range(rounds):
-        active = lanes if r < rounds - 1 else rem
-        tail = _tail_lanes(r, rounds, rem, lanes)
-        spans = [_renorm_span(p, t, kin, tail, active, block) for p in range(t)]
-        xa = x[:active]
-        for p in range(t):
-            if p == t - kin and tail < active:  # ending lanes: the rest is in their initial state
-                seg = x[tail:active]
-                if (seg < ru).any() or (seg - ru >= init_cap).any():
-                    raise ValueError("coded ids: corrupt lane state")
-                seg -= ru
-            tp = terms[p]
-            if tp:
-                cm, src = tp[0]
-                c = cm[tok[src, :active]]
-                for cm, src in tp[1:]:
-                    c += cm[tok[src, :active]]
-                if const[p]:
-                    c += const[p]
-            else:
-                c = const[p]
-            idx = xa & mask
-            idx |= c
-            if packed:
-                e = dec[idx].astype(np.int64)
-                np.bitwise_and(e, kmask, out=tok[p, :active])
-                xa >>= mb
-                xa *= (e >> kb) & fmask
-                e >>= bsh
-                xa += e
-            else:
-                s = tok[p, :active]
-                s[:] = sym[idx]
-                e = fs[(c >> sh) | s].astype(np.int64)
-                xa >>= mb
-                xa *= e >> 16
-                idx &= mask
-                idx -= e & 0xFFFF
-                xa += idx
-            lo, hi = spans[p]
-            if lo < hi:
-                xs = x[lo:hi]
-                need = (xs < ru).nonzero()[0]
-                if need.size:
-                    end = ptr + need.size
-                    if end > nwords:
-                        raise ValueError("coded ids: stream ends early (corrupt or truncated)")
-                    xs[need] = (xs[need] << 32) | words[ptr:end]
-                    ptr = end
-        if tail < active and x[tail:active].any():
-            raise ValueError("coded ids: corrupt lane state at the end of a lane")
-        out[r * lanes:r * lanes + active] = tok[:, :active].T
-    if ptr != nwords:
-        raise ValueError(f"coded ids: {nwords - ptr} words left over (corrupt data)")
+    from tokray.storage import rans_kernel as rk  # numba: imported (and compiled, cached) on first decode
+
+    status, used = rk.decode_lanes(x, words, tabs.get("dec", none), tabs.get("sym", none.view(np.uint16)),
+                                   tabs.get("fs", none), bool(model._packed), tabs["ctx_m"], src, const, spans,
+                                   out, lanes, rounds, rem, kin, mbi, kb, fb, (1 << mbi) ** kin)
+    if status == rk.STREAM_ENDS_EARLY:
+        raise ValueError("coded ids: stream ends early (corrupt or truncated)")
+    if status == rk.BAD_INITIAL_STATE:
+        raise ValueError("coded ids: corrupt lane state")
+    if status == rk.BAD_FINAL_STATE:
+        raise ValueError("coded ids: corrupt lane state at the end of a lane")
+    if used != words.size:
+        raise ValueError(f"coded ids: {words.size - used} words left over (corrupt data)")
     out = out[:n]
     if zlib.crc32(out.astype("<u2", copy=False).tobytes()) != crc:
         raise ValueError("coded ids: decoded ids fail their checksum (corrupt data)")
