@@ -96,6 +96,12 @@ def test_32x32_with_8192_codes(rng):
     roundtrip(ids[:1], model)
     roundtrip(rng.integers(0, 8192, (5, 32, 32)).astype(np.uint16), model)  # ids it never saw
     roundtrip(np.tile(np.array([0, 8191], np.uint16), (3, 32, 16)), model)
+    assert not model._packed  # the two-lookup table layout: flipped bits raise here too
+    for i in rng.integers(0, len(data), 20):
+        bad = bytearray(data)
+        bad[i] ^= 1 << int(rng.integers(8))
+        with pytest.raises(ValueError):
+            decode_ids(bytes(bad), model, len(ids), (32, 32))
 
 
 def test_model_bytes(random_model):

@@ -1,7 +1,8 @@
-"""Context-coded token ids: a small neighbour-conditioned model fitted at write time and a
-vectorised rANS coder, in numpy. It codes a shard below the order-0 entropy of its ids (the bound
-for coding each token on its own, where Parquet sits) and decodes 8x8 shards of 8192 samples at
-about 0.5 M samples (32 M tokens) per CPU second of one core. The token format's ``context`` codec
+"""Context-coded token ids: a small neighbour-conditioned model fitted at write time and an
+interleaved rANS coder (numpy encoder; the decode loop compiled with numba, ``rans_kernel``). It
+codes a shard below the order-0 entropy of its ids (the bound for coding each token on its own,
+where Parquet sits) and decodes the shipped CIFAR-10 8x8 shards at about 1.1 M samples (70 M
+tokens) per second of one core (``jobs/bench_codec.py``). The token format's ``context`` codec
 (``tokray.storage.formats.tokens``) stores shards with it.
 
 Model (``ContextModel``). A token is predicted from already-decoded neighbours, by default the
@@ -27,8 +28,9 @@ plus a (frequency, start) word per (context, id).
 Coder. rANS, state in [2**31, 2**63) (int64), 32-bit words, one renormalisation per pair of
 positions. A shard's samples are dealt to ``L`` lanes (sample s to lane s % L; by default
 L = min(512, N // 4)), each
-lane one rANS state; all lanes step together, one token position at a time, so every numpy call
-works on L values, and the context of position p only needs positions already decoded. The words
+lane one rANS state; all lanes step together, one token position at a time (the encoder's numpy
+calls each work on L values; the decoder's table lookups for the L lanes overlap), and the context
+of position p only needs positions already decoded. The words
 the lanes emit are interleaved in one stream in the order the decoder consumes them. A lane costs
 about 8 bits: its final state is stored as 5 bits of length + its bits below the leading one, and
 its initial state is not 2**31 but carries the last ids of the lane's last sample (coded from
@@ -645,25 +647,29 @@ def _unpack_states(data: memoryview, off: int, lanes: int) -> tuple[np.ndarray, 
 
 
 
-def _decode_plan(model: ContextModel, grid: tuple[int, int], rounds: int, rem: int, lanes: int,
-                 kin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _decode_plan(model: ContextModel, grid: tuple[int, int], n: int, lanes: int,
+                 kin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """What the decode loop needs besides the tables: per position the neighbours' positions
-    [t, features] (-1 off the grid), the off-grid neighbours' context offset [t], and the lanes
-    renormalised after each position [3, t, 2] in an ordinary round, the second-to-last, the last."""
+    [t, features] (-1 off the grid) and the off-grid neighbours' context offset [t]; per round
+    (active lanes, lanes going on, kind of round) [rounds, 3]; per kind of round (ordinary,
+    second-to-last, last) the lanes renormalised after each position [3, t, 2]."""
     h, w = grid
     t = h * w
     none_offsets = model._decode_tables()["ctx_m"][:, model.codebook_size]
     rows = _sources(grid, model.features)
-    src = np.array([[-1 if s is None else s for s in row] for row in rows], dtype=np.int64).reshape(t, len(model.features))
+    src = np.array([[-1 if s is None else s for s in row] for row in rows], dtype=np.int64)
+    src = src.reshape(t, len(model.features))
     const = np.where(src < 0, none_offsets[None], 0).sum(axis=1).astype(np.int64)
+    rounds, rem = _lane_plan(n, lanes)
+    kinds = [0] * max(0, rounds - 2) + [1, 2][-min(rounds, 2):]
+    plan = np.array([(lanes if r < rounds - 1 else rem, _tail_lanes(r, rounds, rem, lanes), kinds[r])
+                     for r in range(rounds)], dtype=np.int64)
     spans = np.zeros((3, t, 2), dtype=np.int64)
     block = _block(model.scale_bits)
-    for kind, r in enumerate((0, rounds - 2, rounds - 1)):
-        if r >= 0:
-            active = lanes if r < rounds - 1 else rem
-            tail = _tail_lanes(r, rounds, rem, lanes)
-            spans[kind] = [_renorm_span(p, t, kin, tail, active, block) for p in range(t)]
-    return src, const, spans
+    for kind in set(kinds):  # rounds of one kind renormalise alike: the first one's spans
+        r = kinds.index(kind)
+        spans[kind] = [_renorm_span(p, t, kin, plan[r, 1], plan[r, 0], block) for p in range(t)]
+    return src, const, plan, spans
 
 
 def encode_ids(ids: np.ndarray, model: ContextModel, lanes: int | None = None) -> bytes:
@@ -751,14 +757,13 @@ def decode_ids(data: bytes, model: ContextModel, n: int, grid: tuple[int, int]) 
     tabs = model._decode_tables()
     _, kb, fb, _ = _layout(model.codebook_size, mbi)
     none = np.zeros(1, np.uint32)
-    rounds, rem = _lane_plan(n, lanes)
-    src, const, spans = _decode_plan(model, (h, w), rounds, rem, lanes, kin)
-    out = np.empty((rounds * lanes, t), dtype=np.uint16)
+    src, const, plan, spans = _decode_plan(model, (h, w), n, lanes, kin)
+    out = np.empty((len(plan) * lanes, t), dtype=np.uint16)
     from tokray.storage import rans_kernel as rk  # numba: imported (and compiled, cached) on first decode
 
     status, used = rk.decode_lanes(x, words, tabs.get("dec", none), tabs.get("sym", none.view(np.uint16)),
-                                   tabs.get("fs", none), bool(model._packed), tabs["ctx_m"], src, const, spans,
-                                   out, lanes, rounds, rem, kin, mbi, kb, fb, (1 << mbi) ** kin)
+                                   tabs.get("fs", none), bool(model._packed), tabs["ctx_m"], src, const, plan,
+                                   spans, out, lanes, kin, mbi, kb, fb, (1 << mbi) ** kin)
     if status == rk.STREAM_ENDS_EARLY:
         raise ValueError("coded ids: stream ends early (corrupt or truncated)")
     if status == rk.BAD_INITIAL_STATE:

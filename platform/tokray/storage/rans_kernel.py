@@ -17,13 +17,14 @@ OK, STREAM_ENDS_EARLY, BAD_INITIAL_STATE, BAD_FINAL_STATE = 0, 1, 2, 3
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def decode_lanes(x, words, dec, sym, fs, packed, ctx_m, src, const, spans, out, lanes, rounds, rem, kin,
-                 scale_bits, id_bits, freq_bits, init_cap):
+def decode_lanes(x, words, dec, sym, fs, packed, ctx_m, src, const, plan, spans, out, lanes, kin, scale_bits,
+                 id_bits, freq_bits, init_cap):
     """Decode every round of a shard into ``out`` [rounds * lanes, t] (uint16), updating the lane
     states ``x`` (int64) in place. Returns (status, words consumed); status is one of the constants
     above. ``ctx_m`` [features, K + 1]: each neighbour id's context offset; ``src`` [t, features]:
-    the neighbour's position, -1 off the grid (its offset is in ``const`` [t]); ``spans`` [3, t, 2]:
-    the lanes renormalised after each position in an ordinary round, the second-to-last and the last.
+    the neighbour's position, -1 off the grid (its offset is in ``const`` [t]); ``plan`` [rounds, 3]:
+    per round the active lanes, the lanes that go on past it, and which of ``spans`` [kinds, t, 2]
+    (the lanes renormalised after each position) it uses.
     Packed tables: ``dec``; otherwise ``sym`` and ``fs`` (see entropy._layout)."""
     t = src.shape[0]
     nf = src.shape[1]
@@ -37,15 +38,8 @@ def decode_lanes(x, words, dec, sym, fs, packed, ctx_m, src, const, spans, out, 
     ptr = 0
     idx = np.empty(lanes, np.int64)
     ent = np.empty(lanes, np.int64)
-    for r in range(rounds):
-        active = lanes if r < rounds - 1 else rem
-        if r == rounds - 1:
-            tail = 0
-        elif r == rounds - 2 and rem < lanes:
-            tail = rem
-        else:
-            tail = lanes
-        kind = 0 if r < rounds - 2 else r - rounds + 3
+    for r in range(plan.shape[0]):
+        active, tail, kind = plan[r, 0], plan[r, 1], plan[r, 2]
         base = r * lanes
         for p in range(t):
             if p == t - kin and tail < active:  # ending lanes: the rest is in their initial state
