@@ -184,7 +184,11 @@ def main() -> int:
     args = parse_args(p)
     if args.smoke_test:
         args.samples, args.rss_sizes = 3000, [5000, 20000]
-    tmp = tempfile.mkdtemp(prefix="tokray-bench-")
+    with tempfile.TemporaryDirectory(prefix="tokray-bench-") as tmp:  # its copies are removed afterwards
+        return measure(args, tmp)
+
+
+def measure(args, tmp: str) -> int:
     uri = args.dataset
     if uri is None:
         uri = os.path.join(tmp, "synth")

@@ -195,9 +195,10 @@ class LMDBStore(Store):
         outside = (owner < 0) | (sample_ids > lasts[np.maximum(owner, 0)])
         if outside.any():
             raise KeyError(f"sample id {int(sample_ids[outside.argmax()])} is not in {self.uri}")
-        for i in np.unique(owner):  # vectorized above: this loop only finds shards not verified yet
-            if shards[int(i)].path not in self._verified:
-                self._verified_scan(shards[int(i)])
+        if any(s.path not in self._verified for s in shards):  # once all are verified: no per-call work
+            for i in np.unique(owner):
+                if shards[int(i)].path not in self._verified:
+                    self._verified_scan(shards[int(i)])
 
     def _ranges(self, shards: tuple[ShardInfo, ...]) -> tuple[np.ndarray, np.ndarray]:
         """First and last sample id of each shard, computed once per shard tuple (a manifest's)."""
@@ -241,7 +242,7 @@ class LMDBStore(Store):
         width = len(values[0])
         back = np.empty_like(order)
         back[order] = np.arange(len(order))  # sorted position of each asked id
-        if all(len(v) == width for v in values):  # fixed-size records (tokens): one buffer, two views
+        if len(set(map(len, values))) == 1:  # fixed-size records (tokens): one buffer, two views
             raw = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), width)[back]
             labels = raw[:, :4].copy().view("<i4").reshape(-1)
             payloads = raw[:, 4:]
