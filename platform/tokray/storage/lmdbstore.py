@@ -230,8 +230,7 @@ class LMDBStore(Store):
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
         self._check_owned(sample_ids, shards)
         order = np.argsort(sample_ids, kind="stable")
-        packed = sample_ids[order].astype(">i8").tobytes()
-        keys = [packed[i:i + 8] for i in range(0, len(packed), 8)]
+        keys = sample_ids[order].astype(">i8").view("V8").tolist()  # 8-byte keys as bytes, in C
         env = self._open(write=False)
         with env.begin(db=self._handles[1], buffers=False) as txn:
             found = txn.cursor().getmulti(keys)
