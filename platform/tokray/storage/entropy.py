@@ -646,7 +646,6 @@ def _unpack_states(data: memoryview, off: int, lanes: int) -> tuple[np.ndarray, 
     return x, off + nbytes
 
 
-
 def _decode_plan(model: ContextModel, grid: tuple[int, int], n: int, lanes: int,
                  kin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """What the decode loop needs besides the tables: per position the neighbours' positions
