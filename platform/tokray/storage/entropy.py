@@ -756,7 +756,13 @@ def decode_ids(data: bytes, model: ContextModel, n: int, grid: tuple[int, int]) 
     tabs = model._decode_tables()
     _, kb, fb, _ = _layout(model.codebook_size, mbi)
     none = np.zeros(1, np.uint32)
-    src, const, plan, spans = _decode_plan(model, (h, w), n, lanes, kin)
+    plans = tabs.setdefault("plans", {})  # shards of one dataset share a shape: plan each shape once
+    key = (h, w, n, lanes, kin)
+    if key not in plans:
+        if len(plans) >= 16:
+            plans.clear()
+        plans[key] = _decode_plan(model, (h, w), n, lanes, kin)
+    src, const, plan, spans = plans[key]
     out = np.empty((len(plan) * lanes, t), dtype=np.uint16)
     from tokray.storage import rans_kernel as rk  # numba: imported (and compiled, cached) on first decode
 
