@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import struct
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -64,16 +65,21 @@ class LMDBStore(Store):
             return self._env
         if entry is not None:
             entry[0].close()
+            _LMDB_MAPS.pop(key, None)
+        data = os.path.join(self.uri.path, "data.mdb")
+        before = _file_identity(data)
         if write:
             os.makedirs(self.uri.path, exist_ok=True)
             env = lmdb.open(self.uri.path, map_size=self.map_size, max_dbs=2, subdir=True)
         else:
             self.check(for_write=False)
-            check_not_truncated(os.path.join(self.uri.path, "data.mdb"), str(self.uri))
+            check_not_truncated(data, str(self.uri))
             env = lmdb.open(self.uri.path, readonly=True, lock=False, max_dbs=2, subdir=True, readahead=False)
+        after = _file_identity(data)
         # opened once, outside any transaction (open_db inside a write txn would deadlock)
         handles = (env.open_db(b"meta", create=write), env.open_db(b"records", create=write))
-        _LMDB_ENVS[key] = (env, write, handles)
+        # the file the env maps, for get_many's own map of it; unknown if the path was swapped meanwhile
+        _LMDB_ENVS[key] = (env, write, handles, after if before in (None, after) else None)
         self._env, self._handles = env, handles
         return env
 
@@ -225,31 +231,103 @@ class LMDBStore(Store):
         return v
 
     def get_many(self, sample_ids, shards: tuple[ShardInfo, ...], fmt, meta) -> dict:
-        """Records by sample id, in the order asked, as one batch: one read transaction and one batched
-        lookup of the sorted keys (B-tree pages are then visited in order)."""
+        """Records by sample id, in the order asked, as one batch: one read transaction, the keys
+        sorted and looked up together (the compiled reader of ``lmdb_kernel``; py-lmdb's ``getmulti``
+        where the environment's layout is not one that reader knows)."""
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
         self._check_owned(sample_ids, shards)
         order = np.argsort(sample_ids, kind="stable")
-        keys = sample_ids[order].astype(">i8").view("V8").tolist()  # 8-byte keys as bytes, in C
+        wanted = sample_ids[order]
         env = self._open(write=False)
-        with env.begin(db=self._handles[1], buffers=False) as txn:
-            found = txn.cursor().getmulti(keys)
+        with env.begin(buffers=False) as txn:
+            found = self._lookup_compiled(txn, wanted)
+            mem, off, size = found if found is not None else self._lookup_getmulti(txn, wanted)
+            back = np.empty_like(order)
+            back[order] = np.arange(len(order))  # sorted position of each asked id
+            width = int(size[0]) if len(size) else 0
+            if len(size) and (size == width).all():  # fixed-size records (tokens): one copy into one array
+                from tokray.storage import lmdb_kernel
+
+                raw = np.empty((len(back), width), np.uint8)
+                lmdb_kernel.gather_rows(mem, off, back, raw)
+                labels = raw[:, :4].copy().view("<i4").reshape(-1)
+                payloads = raw[:, 4:]
+            else:
+                labels = np.array([mem[o:o + 4].view("<i4")[0] for o in off[back]], dtype=np.int32)
+                payloads = [mem[o + 4:o + n].tobytes() for o, n in zip(off[back], size[back])]
+        return {fmt.payload_key: fmt.payloads_to_numpy(meta, payloads), LABEL: labels, SAMPLE_ID: sample_ids}
+
+    def _lookup_compiled(self, txn, wanted: np.ndarray):
+        """(mapped file, value offsets, value sizes) of the ascending ids ``wanted``, read from this
+        transaction's snapshot of the records B-tree; None where ``lmdb_kernel`` cannot read this
+        environment (a layout it does not know, or a page it does not expect: logged once)."""
+        from tokray.storage import lmdb_kernel
+
+        tree = self._records_tree(txn)
+        if tree is None:
+            return None
+        root, depth = tree
+        if depth == 0:  # an empty table
+            raise KeyError(f"sample id {int(wanted[0])} is not in {self.uri}")
+        for remapped in (False, True):
+            mapped = self._mapped(remap=remapped)
+            if mapped is None:
+                return None
+            mem, psize = mapped
+            off, size = np.empty(len(wanted), np.int64), np.empty(len(wanted), np.int64)
+            status, at = lmdb_kernel.lookup(mem, psize, root, depth, wanted ^ _SIGN, off, size)
+            if status == lmdb_kernel.OK:
+                return mem, off, size
+            if status == lmdb_kernel.MISSING:
+                raise KeyError(f"sample id {int(wanted[at])} is not in {self.uri}")
+        log.warning("LMDB %s: a B-tree page the compiled reader does not expect (sample id %d); reading it "
+                    "with py-lmdb from now on", self.uri, int(wanted[at]))
+        _LMDB_MAPS[(os.getpid(), self.uri.path)] = None
+        return None
+
+    def _records_tree(self, txn) -> tuple[int, int] | None:
+        """(root page, depth) of the records table in ``txn``'s snapshot: its MDB_db record, which is
+        the value of its name in LMDB's main table; None for flags the compiled reader does not handle."""
+        rec = txn.get(b"records")
+        if rec is None or len(rec) != _MDB_DB.size:
+            return None
+        _, flags, depth, _, _, _, _, root = _MDB_DB.unpack(rec)
+        if flags != 0:  # dupsort, integer or reversed keys: not this store's table
+            return None
+        return (root, depth) if root != _NO_PAGE else (0, 0)
+
+    def _mapped(self, remap: bool = False) -> tuple[np.ndarray, int] | None:
+        """The process's read-only map of the env's data.mdb as uint8, and the page size (a second view
+        of the pages LMDB maps; the page cache is shared). None where the kernel cannot read it: not
+        LMDB data version 1 on a little-endian host, or the path now names another file than the one
+        the env opened (a copy swapped in). ``remap``: map it again (it grew after a write here)."""
+        import mmap
+
+        key = (os.getpid(), self.uri.path)
+        if key in _LMDB_MAPS and (not remap or _LMDB_MAPS[key] is None):
+            return _LMDB_MAPS[key]
+        _LMDB_MAPS[key] = None
+        with open(os.path.join(self.uri.path, "data.mdb"), "rb") as f:
+            st = os.fstat(f.fileno())
+            if sys.byteorder != "little" or _LMDB_ENVS[key][3] != (st.st_dev, st.st_ino):
+                return None
+            mem = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+        magic, version = struct.unpack_from("<II", mem, 16)
+        psize = self._env.stat()["psize"]
+        if magic == 0xBEEFC0DE and version == 1 and struct.unpack_from("<I", mem, 40)[0] == psize:
+            _LMDB_MAPS[key] = (mem, psize)
+        return _LMDB_MAPS[key]
+
+    def _lookup_getmulti(self, txn, wanted: np.ndarray):
+        """The same as ``_lookup_compiled``, through py-lmdb (values copied into one buffer)."""
+        keys = wanted.astype(">i8").view("V8").tolist()  # 8-byte keys as bytes, in C
+        found = txn.cursor(db=self._handles[1]).getmulti(keys)
         if len(found) != len(keys):
             have = {k for k, _ in found}
             raise KeyError(f"sample id {self._KEY.unpack(next(k for k in keys if k not in have))[0]} is not in {self.uri}")
-        values = [v for _, v in found]
-        width = len(values[0])
-        back = np.empty_like(order)
-        back[order] = np.arange(len(order))  # sorted position of each asked id
-        if len(set(map(len, values))) == 1:  # fixed-size records (tokens): one buffer, two views
-            raw = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), width)[back]
-            labels = raw[:, :4].copy().view("<i4").reshape(-1)
-            payloads = raw[:, 4:]
-        else:
-            values = [values[j] for j in back]
-            labels = np.array([self._LABEL.unpack_from(v)[0] for v in values], dtype=np.int32)
-            payloads = [v[4:] for v in values]
-        return {fmt.payload_key: fmt.payloads_to_numpy(meta, payloads), LABEL: labels, SAMPLE_ID: sample_ids}
+        size = np.fromiter(map(len, (v for _, v in found)), np.int64, len(found))
+        off = np.concatenate([[0], np.cumsum(size)[:-1]]).astype(np.int64)
+        return np.frombuffer(b"".join(v for _, v in found), np.uint8), off, size
 
     def overhead_bytes(self, shards):
         env = self._open(write=False)
@@ -262,6 +340,7 @@ class LMDBStore(Store):
 
     def close(self):
         entry = _LMDB_ENVS.pop((os.getpid(), self.uri.path), None)
+        _LMDB_MAPS.pop((os.getpid(), self.uri.path), None)
         if entry is not None:
             entry[0].close()
         self._env = self._handles = None
@@ -274,6 +353,14 @@ class LMDBStore(Store):
                 os.remove(os.path.join(self.uri.path, name))
             except FileNotFoundError:
                 pass
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
 
 def check_not_truncated(data_file: str, uri: str) -> None:
     """Refuse a data.mdb shorter than its own meta pages say (mapping it would die of SIGBUS on first read).
@@ -304,3 +391,7 @@ def check_not_truncated(data_file: str, uri: str) -> None:
 
 
 _LMDB_ENVS: dict[tuple[int, str], tuple] = {}  # (pid, path) -> (env, writable, db handles)
+_LMDB_MAPS: dict[tuple[int, str], tuple | None] = {}  # (pid, path) -> (data.mdb mapped, page size); None: unreadable
+_MDB_DB = struct.Struct("<IHHQQQQQ")  # LMDB's MDB_db: pad, flags, depth, branch/leaf/overflow pages, entries, root
+_NO_PAGE = (1 << 64) - 1  # P_INVALID: the root of an empty table
+_SIGN = np.int64(-(1 << 63))  # xor with an id: its big-endian key's byte order as int64 order (lmdb_kernel._key)
