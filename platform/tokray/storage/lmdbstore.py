@@ -234,6 +234,8 @@ class LMDBStore(Store):
         """Records by sample id, in the order asked, as one batch: one read transaction, the keys
         sorted and looked up together (the compiled reader of ``lmdb_kernel``; py-lmdb's ``getmulti``
         where the environment's layout is not one that reader knows)."""
+        from tokray.storage import lmdb_kernel  # numba: imported (and compiled, cached) on first use
+
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
         self._check_owned(sample_ids, shards)
         order = np.argsort(sample_ids, kind="stable")
@@ -246,8 +248,6 @@ class LMDBStore(Store):
             back[order] = np.arange(len(order))  # sorted position of each asked id
             width = int(size[0]) if len(size) else 0
             if len(size) and (size == width).all():  # fixed-size records (tokens): one copy into one array
-                from tokray.storage import lmdb_kernel
-
                 raw = np.empty((len(back), width), np.uint8)
                 lmdb_kernel.gather_rows(mem, off, back, raw)
                 labels = raw[:, :4].copy().view("<i4").reshape(-1)
@@ -267,7 +267,7 @@ class LMDBStore(Store):
         if tree is None:
             return None
         root, depth = tree
-        if depth == 0:  # an empty table
+        if depth == 0 and len(wanted):  # an empty table
             raise KeyError(f"sample id {int(wanted[0])} is not in {self.uri}")
         for remapped in (False, True):
             mapped = self._mapped(remap=remapped)
