@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -279,6 +280,27 @@ def test_a_killed_run_resumed_on_fewer_workers_trains_every_sample_once(ray_sess
     skipped = {w.index for w in _order().windows(0) if w.end <= resumed_at * BATCH}
     assert skipped and not skipped & {r["window"] for r in e0}
     assert sorted(r["window"] for r in reads if r["epoch"] == 1) == [0, 1, 2, 3]
+
+
+@pytest.mark.ray
+def test_resume_continues_from_a_checkpoint_ray_never_registered(ray_session, local_tokens, tmp_path):
+    """Rank 0 persists a checkpoint before the report that registers it, so a worker lost in between
+    leaves the newest checkpoint on disk unknown to Ray's checkpoint manager, which hands a new fit of
+    the run an older one. --resume continues from the newest (no step trained twice)."""
+    from tokray.train.checkpoint import latest_checkpoint
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    smoke_run(local_tokens, run, 1, "stream", max_steps=6, ckpt_every=3)  # Ray registers steps 3 and 6
+    smoke_run(local_tokens, other, 1, "stream", max_steps=9, ckpt_every=3)  # the same run on to step 9
+    nine = latest_checkpoint(str(other))
+    shutil.copytree(nine, run / "ray" / "smoke" / os.path.basename(nine))  # on disk, never reported to Ray
+    smoke_run(local_tokens, run, 1, "stream", max_steps=12, ckpt_every=3, resume=True)
+    starts = sorted(int(p.name.split("-from")[1].split("-")[0]) for p in (run / "trace").glob("rank0-*"))
+    assert starts == [0, 9], starts
+    steps = traced_steps(run)
+    assert sorted(steps) == [0, 1, 2, 3, 4, 5, 9, 10, 11]
+    expected = expected_steps(1)
+    assert all(frozenset(ids) == expected[s] for s, ids in steps.items())
 
 
 @pytest.mark.ray

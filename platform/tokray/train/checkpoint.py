@@ -59,6 +59,26 @@ def restore(checkpoint, model, opt, ema):
     return int(state["step"]), DataPosition.from_json(state.get("data_position"))
 
 
+def newest(*checkpoints):
+    """The ``ray.train.Checkpoint`` of the latest step among those given (None ones skipped), or None.
+
+    A restart gets Ray's latest *reported* checkpoint and ``--resume`` the newest one on disk; they can
+    differ: rank 0 persists a checkpoint before the report that registers it, so a worker lost in
+    between leaves a complete but unregistered one, which a new fit of the run must not go behind."""
+    found = [c for c in checkpoints if c is not None]
+    return max(found, key=checkpoint_step) if found else None
+
+
+def checkpoint_step(checkpoint) -> int:
+    """The step a ``ray.train.Checkpoint`` was written at (its metrics.json; its state.pt for older ones)."""
+    with checkpoint.as_directory() as d:
+        try:
+            with open(os.path.join(d, "metrics.json")) as f:
+                return int(json.load(f)["step"])
+        except (FileNotFoundError, KeyError, ValueError):
+            return int(torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)["step"])
+
+
 def latest_checkpoint(run_dir: str) -> str | None:
     """The newest ``checkpoint_*`` directory under ``<run_dir>/ray/<name>/`` (or under run_dir itself)."""
     found = [p for pattern in (f"ray/*/checkpoint_*/{STATE_FILE}", f"*/checkpoint_*/{STATE_FILE}",

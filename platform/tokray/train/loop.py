@@ -121,7 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from tokray.devices import bf16_autocast_pays
     from tokray.runtime import setup_logging
-    from tokray.train.checkpoint import load_encoder, load_state, restore, save_and_report
+    from tokray.train.checkpoint import load_encoder, load_state, newest, restore, save_and_report
     from tokray.train.tasks import make_task
 
     setup_logging()
@@ -142,8 +142,8 @@ def train_loop_per_worker(config: dict) -> None:
     per_epoch, total = plan.steps
     order = ingest.order
     step, position = 0, DataPosition(0, 0)
-    # a restart after a failure gets the run's latest checkpoint; --resume names one explicitly
-    ckpt = ray.train.get_checkpoint() or (ray.train.Checkpoint(plan.resume_from) if plan.resume_from else None)
+    # a restart after a failure gets the run's latest reported checkpoint, --resume the newest on disk: the later
+    ckpt = newest(ray.train.get_checkpoint(), ray.train.Checkpoint(plan.resume_from) if plan.resume_from else None)
     if ckpt:
         step, position = restore(ckpt, model, opt, ema)
         if position is None:  # a checkpoint from before positions were stored: the step within its epoch
