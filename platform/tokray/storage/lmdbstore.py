@@ -11,6 +11,7 @@ import logging
 import os
 import struct
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -60,11 +61,11 @@ class LMDBStore(Store):
 
         key = (os.getpid(), self.uri.path)
         entry = _LMDB_ENVS.get(key)
-        if entry is not None and (entry[1] or not write):
-            self._env, self._handles = entry[0], entry[2]
+        if entry is not None and (entry.writable or not write):
+            self._env, self._handles = entry.env, entry.handles
             return self._env
         if entry is not None:
-            entry[0].close()
+            entry.env.close()
             _LMDB_MAPS.pop(key, None)
         data = os.path.join(self.uri.path, "data.mdb")
         before = _file_identity(data)
@@ -79,7 +80,7 @@ class LMDBStore(Store):
         # opened once, outside any transaction (open_db inside a write txn would deadlock)
         handles = (env.open_db(b"meta", create=write), env.open_db(b"records", create=write))
         # the file the env maps, for get_many's own map of it; unknown if the path was swapped meanwhile
-        _LMDB_ENVS[key] = (env, write, handles, after if before in (None, after) else None)
+        _LMDB_ENVS[key] = _OpenEnv(env, write, handles, after if before in (None, after) else None)
         self._env, self._handles = env, handles
         return env
 
@@ -309,7 +310,7 @@ class LMDBStore(Store):
         _LMDB_MAPS[key] = None
         with open(os.path.join(self.uri.path, "data.mdb"), "rb") as f:
             st = os.fstat(f.fileno())
-            if sys.byteorder != "little" or _LMDB_ENVS[key][3] != (st.st_dev, st.st_ino):
+            if sys.byteorder != "little" or _LMDB_ENVS[key].file != (st.st_dev, st.st_ino):
                 return None
             mem = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
         magic, version = struct.unpack_from("<II", mem, 16)
@@ -342,7 +343,7 @@ class LMDBStore(Store):
         entry = _LMDB_ENVS.pop((os.getpid(), self.uri.path), None)
         _LMDB_MAPS.pop((os.getpid(), self.uri.path), None)
         if entry is not None:
-            entry[0].close()
+            entry.env.close()
         self._env = self._handles = None
 
     def clear(self):
@@ -390,7 +391,14 @@ def check_not_truncated(data_file: str, uri: str) -> None:
                          f"there with `python jobs/dataset.py copy SRC {uri} --overwrite`")
 
 
-_LMDB_ENVS: dict[tuple[int, str], tuple] = {}  # (pid, path) -> (env, writable, db handles)
+class _OpenEnv(NamedTuple):
+    env: object  # lmdb.Environment
+    writable: bool
+    handles: tuple  # (meta, records) table handles
+    file: tuple[int, int] | None  # (st_dev, st_ino) of the data.mdb it opened
+
+
+_LMDB_ENVS: dict[tuple[int, str], _OpenEnv] = {}  # (pid, path) -> the process's one handle
 _LMDB_MAPS: dict[tuple[int, str], tuple | None] = {}  # (pid, path) -> (data.mdb mapped, page size); None: unreadable
 _MDB_DB = struct.Struct("<IHHQQQQQ")  # LMDB's MDB_db: pad, flags, depth, branch/leaf/overflow pages, entries, root
 _NO_PAGE = (1 << 64) - 1  # P_INVALID: the root of an empty table

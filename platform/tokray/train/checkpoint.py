@@ -71,11 +71,11 @@ def newest(*checkpoints):
 
 def checkpoint_step(checkpoint) -> int:
     """The step a ``ray.train.Checkpoint`` was written at (its metrics.json; its state.pt for older ones)."""
-    with checkpoint.as_directory() as d:
-        try:
-            with open(os.path.join(d, "metrics.json")) as f:
-                return int(json.load(f)["step"])
-        except (FileNotFoundError, KeyError, ValueError):
+    try:  # one small file through the checkpoint's own filesystem: nothing else is fetched
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/metrics.json") as f:
+            return int(json.loads(f.read())["step"])
+    except (FileNotFoundError, KeyError, ValueError):
+        with checkpoint.as_directory() as d:
             return int(torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)["step"])
 
 
